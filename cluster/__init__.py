@@ -1,0 +1,1 @@
+"""pdserve control plane: config, router, prefix index, servers, CLI."""

@@ -1,0 +1,135 @@
+"""The one root configuration of a pdserve cluster, loadable from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pdserve.workers.errors import InvalidRequestError
+
+TRANSPORTS = ("object_store", "grpc")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _bad(name: str, msg: str) -> InvalidRequestError:
+    return InvalidRequestError(f"config.{name}", msg)
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """How many workers of one role run, and what each one reserves from Ray."""
+
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Custom Ray resources, e.g. {"prefill": 1}, so a role lands on its node group.
+    resources: dict[str, float] = field(default_factory=dict)
+    num_blocks: int | None = None  # KV blocks per worker; None: sized from memory
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Network front (gRPC + OpenAI HTTP + metrics)."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    api_key_env: str | None = None  # name of an env var holding comma-separated keys
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set for mutual TLS
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_queued_requests: int = 1024
+    rate_limit_rps: float | None = None
+    rate_limit_tps: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Everything a pdserve cluster needs; read once at start-up and passed down."""
+
+    model: str | None = None  # local HF folder; None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    prefill: RoleConfig = field(default_factory=lambda: RoleConfig(resources={}))
+    decode: RoleConfig = field(default_factory=lambda: RoleConfig(resources={}))
+    lease_seconds: float = 30.0
+    transport: str = "object_store"
+    ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
+    ray_namespace: str = "pdserve"
+    server: ServerConfig = field(default_factory=ServerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise _bad("block_size", f"must be a positive power of two, got {self.block_size}")
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.transport not in TRANSPORTS:
+            raise _bad("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.lease_seconds <= 0:
+            raise _bad("lease_seconds", f"must be > 0, got {self.lease_seconds}")
+        for role in ("prefill", "decode"):
+            rc: RoleConfig = getattr(self, role)
+            if rc.replicas < 0:
+                raise _bad(f"{role}.replicas", f"must be >= 0, got {rc.replicas}")
+            if rc.num_cpus < 0 or rc.num_gpus < 0:
+                raise _bad(f"{role}.num_cpus", "CPU and GPU reservations must be >= 0")
+            for k, v in rc.resources.items():
+                if v < 0:
+                    raise _bad(f"{role}.resources.{k}", f"must be >= 0, got {v}")
+        if self.decode.replicas < 1:
+            raise _bad("decode.replicas", "at least one decode worker is required")
+
+    def with_overrides(self, **kwargs: Any) -> ClusterConfig:
+        return replace(self, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise _bad("", f"{path} must hold a mapping at top level")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["server"]["api_keys"] = list(d["server"]["api_keys"])
+        return d
+
+
+_NESTED = {"prefill": RoleConfig, "decode": RoleConfig, "server": ServerConfig}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise InvalidRequestError(f"{where}.{key}", f"unknown field; known: {sorted(known)}")
+        if key in _NESTED and cls is ClusterConfig:
+            if not isinstance(value, dict):
+                raise InvalidRequestError(f"{where}.{key}", "must be a mapping")
+            value = _build(_NESTED[key], value, f"{where}.{key}")
+        elif key == "api_keys":
+            value = tuple(value or ())
+        kwargs[key] = value
+    return cls(**kwargs)

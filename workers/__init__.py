@@ -1,0 +1,1 @@
+"""pdserve data plane: engine, block manager, scheduler, model runner, models, KV transfer."""

@@ -1,0 +1,210 @@
+"""Per-sequence block tables over the block pool, with automatic prefix caching.
+
+A full block's hash chains its parent's hash with its token ids (and, at the
+root, an optional cache salt that isolates tenants), so one hash names a whole
+prefix. Hits are verified against the stored token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import numpy as np
+
+from pdserve.workers.block_pool import Block, BlockPool
+from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.kv_events import BlockHash, KVEventBatch
+from pdserve.workers.sequence import Sequence
+
+
+def hash_block(parent: BlockHash | None, token_ids: Iterable[int], salt: str | None = None) -> BlockHash:
+    """128-bit BLAKE2b of (parent hash or salted root, little-endian int64 token ids)."""
+    h = hashlib.blake2b(digest_size=16)
+    if parent is None:
+        h.update(b"pdserve-root\x00" + (salt.encode() if salt else b""))
+    else:
+        h.update(parent)
+    h.update(np.asarray(list(token_ids), dtype="<i8").tobytes())
+    return h.digest()
+
+
+def hash_prompt_blocks(token_ids: list[int], block_size: int, salt: str | None = None) -> list[BlockHash]:
+    """Hashes of every full block of ``token_ids`` (what the router computes too)."""
+    out: list[BlockHash] = []
+    parent = None
+    for i in range(len(token_ids) // block_size):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], salt)
+        out.append(parent)
+    return out
+
+
+class BlockManager:
+    """Allocates, shares and frees the blocks of sequences; answers prefix hits."""
+
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True,
+                 worker_id: str = "local") -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, block_size, worker_id, enable_caching)
+        self._tables: dict[str, list[int]] = {}  # owner id -> block ids (seqs and leases)
+        self.prefix_queries = 0  # prompt tokens looked up in the cache
+        self.prefix_hits = 0  # of which found
+
+    # -- queries ------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def match_prefix(self, seq: Sequence) -> list[Block]:
+        """Longest run of cached full blocks at the start of ``seq`` (no refs taken).
+
+        At least one token is always left to compute: its logits sample the next token.
+        """
+        if not self.enable_caching or seq.block_table:
+            return []
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        hits: list[Block] = []
+        parent = None
+        for i in range(max_blocks):
+            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = hash_block(parent, toks, seq.cache_salt)
+            b = self.pool.lookup(h, toks)
+            if b is None:
+                break
+            hits.append(b)
+            parent = h
+        return hits
+
+    # -- allocation -------------------------------------------------------
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> bool:
+        hits = hits or []
+        reclaimed = sum(1 for b in hits if b.ref_count == 0)
+        need = self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
+        return need + reclaimed <= self.pool.num_free
+
+    def blocks_needed_after_hits(self, seq: Sequence, num_new_tokens: int, num_hits: int) -> int:
+        total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table) - num_hits)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> list[tuple[int, int]]:
+        """Give ``seq`` blocks for ``num_new_tokens`` more tokens (after taking ``hits``).
+
+        Returns (src, dst) block copies the runner must do first: copy-on-write of a
+        partially filled block that a fork still shares.
+        """
+        hits = hits or []
+        if not self.can_allocate(seq, num_new_tokens, hits):
+            raise OutOfBlocksError(self.blocks_needed_after_hits(seq, num_new_tokens, len(hits)),
+                                   self.pool.num_free)
+        if hits:
+            assert not seq.block_table and seq.num_computed_tokens == 0
+            for b in hits:
+                self.pool.touch(b)
+            seq.block_table.extend(b.block_id for b in hits)
+            seq.block_hashes = [b.block_hash for b in hits]  # type: ignore[misc]
+            seq.num_computed_tokens = len(hits) * self.block_size
+        self._tables[seq.seq_id] = seq.block_table
+        copies: list[tuple[int, int]] = []
+        bs = self.block_size
+        if seq.num_computed_tokens % bs and num_new_tokens:
+            idx = seq.num_computed_tokens // bs
+            last = self.pool.blocks[seq.block_table[idx]]
+            if last.ref_count > 1:  # shared partial block about to be written: copy it
+                (new,) = self.pool.allocate(1)
+                self.pool.free([last])
+                seq.block_table[idx] = new.block_id
+                copies.append((last.block_id, new.block_id))
+        need = self.blocks_needed(seq, num_new_tokens)
+        if need:
+            seq.block_table.extend(b.block_id for b in self.pool.allocate(need))
+        return copies
+
+    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def commit(self, seq: Sequence) -> None:
+        """Register blocks that became full of computed tokens in the prefix cache."""
+        if not self.enable_caching:
+            return
+        bs = self.block_size
+        n_full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        start = len(seq.block_hashes)
+        if n_full <= start:
+            return
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        new_hashes, chunks = [], []
+        p = parent
+        for i in range(start, n_full):
+            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            p = hash_block(p, toks, seq.cache_salt)
+            new_hashes.append(p)
+            chunks.append(toks)
+        blocks = [self.pool.blocks[i] for i in seq.block_table[start:n_full]]
+        self.pool.cache_full_blocks(blocks, new_hashes, chunks, parent)
+        seq.block_hashes.extend(new_hashes)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share every block of ``parent`` with ``child`` (beams, n > 1 samples)."""
+        for bid in parent.block_table:
+            self.pool.touch(self.pool.blocks[bid])
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self._tables[child.seq_id] = child.block_table
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (tail first) and forget its table."""
+        self.free_table(seq.seq_id, seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def free_table(self, owner: str, block_ids: list[int]) -> None:
+        self._tables.pop(owner, None)
+        self.pool.free([self.pool.blocks[i] for i in reversed(block_ids)])
+
+    def pin(self, owner: str, block_ids: list[int]) -> None:
+        """Take a reference on blocks for a non-sequence owner (a KV lease)."""
+        for bid in block_ids:
+            self.pool.touch(self.pool.blocks[bid])
+        self._tables[owner] = list(block_ids)
+
+    def unpin(self, owner: str) -> bool:
+        ids = self._tables.get(owner)
+        if ids is None:
+            return False
+        self.free_table(owner, ids)
+        return True
+
+    def owners(self) -> list[str]:
+        return list(self._tables)
+
+    def take_events(self) -> KVEventBatch | None:
+        return self.pool.take_events()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def check_integrity(self) -> None:
+        """Pool invariants plus: each block's ref_count equals the tables that hold it."""
+        self.pool.check_integrity()
+        refs = [0] * self.pool.num_blocks
+        for owner, table in self._tables.items():
+            assert len(set(table)) == len(table), f"{owner} holds a block twice"
+            for bid in table:
+                refs[bid] += 1
+        for b in self.pool.blocks:
+            assert b.ref_count == refs[b.block_id], (
+                f"block {b.block_id}: ref_count {b.ref_count} but {refs[b.block_id]} holders")

@@ -1,0 +1,233 @@
+"""The pool of KV blocks: reference counts, an O(1) LRU free queue and the prefix-cache map.
+
+::
+
+    free queue (LRU order; evict from the head, freed blocks join at the tail)
+    head <-> b7 <-> b2 <-> b9 <-> tail        b2 may still carry a hash: it is a
+                                              cached block nobody uses right now.
+    cached: {hash -> block}                   a hit on b2 takes it out of the queue.
+
+Invariant: a block is in the free queue iff its ref_count is 0. Block ids never
+change once allocated, so block tables are append-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.kv_events import (
+    AllBlocksCleared,
+    BlockHash,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    KVEventBatch,
+)
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] | None = None  # kept to verify a hit against collisions
+    prev: Block | None = None
+    next: Block | None = None
+
+
+class FreeBlockQueue:
+    """Intrusive doubly linked list of free blocks; every operation is O(1)."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        self._head = Block(-1)
+        self._tail = Block(-2)
+        self._head.next = self._tail
+        self._tail.prev = self._head
+        self.size = 0
+        for b in blocks:
+            self.append(b)
+
+    def append(self, block: Block) -> None:
+        last = self._tail.prev
+        assert last is not None
+        last.next = block
+        block.prev = last
+        block.next = self._tail
+        self._tail.prev = block
+        self.size += 1
+
+    def remove(self, block: Block) -> None:
+        prev, nxt = block.prev, block.next
+        if prev is None or nxt is None:
+            raise AssertionError(f"block {block.block_id} is not in the free queue")
+        prev.next = nxt
+        nxt.prev = prev
+        block.prev = block.next = None
+        self.size -= 1
+
+    def popleft(self) -> Block:
+        first = self._head.next
+        if first is None or first is self._tail:
+            raise OutOfBlocksError(1, 0)
+        self.remove(first)
+        return first
+
+    def __iter__(self):
+        node = self._head.next
+        while node is not None and node is not self._tail:
+            yield node
+            node = node.next
+
+
+class BlockPool:
+    """Owns every block; hands them out, takes them back and remembers cached ones."""
+
+    def __init__(self, num_blocks: int, block_size: int, worker_id: str = "local",
+                 enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.worker_id = worker_id
+        self.enable_caching = enable_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[BlockHash, Block] = {}
+        self._events: list[KVEvent] = []
+        self._event_seq = 0
+        self.num_evictions = 0
+
+    # -- allocation -------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return self.free_queue.size
+
+    def allocate(self, n: int) -> list[Block]:
+        """Take ``n`` blocks from the head of the free queue, evicting cached ones."""
+        if n > self.free_queue.size:
+            raise OutOfBlocksError(n, self.free_queue.size)
+        out = []
+        evicted: list[BlockHash] = []
+        for _ in range(n):
+            b = self.free_queue.popleft()
+            if b.block_hash is not None:
+                evicted.append(b.block_hash)
+                self._uncache(b)
+            b.ref_count = 1
+            out.append(b)
+        if evicted:
+            self.num_evictions += len(evicted)
+            self._events.append(BlockRemoved(tuple(evicted)))
+        return out
+
+    def touch(self, block: Block) -> None:
+        """Take one more reference (a prefix hit or a shared fork)."""
+        if block.ref_count == 0:
+            self.free_queue.remove(block)
+        block.ref_count += 1
+
+    def free(self, blocks: list[Block]) -> None:
+        """Drop one reference of each block, in the order given.
+
+        Callers pass a sequence's blocks tail first so that, among equally old
+        blocks, a chain's last blocks are evicted before its shared head.
+        """
+        for b in blocks:
+            if b.ref_count <= 0:
+                raise AssertionError(f"double free of block {b.block_id}")
+            b.ref_count -= 1
+            if b.ref_count == 0:
+                if b.block_hash is None or not self.enable_caching:
+                    self._reset(b)
+                self.free_queue.append(b)
+
+    # -- prefix cache -----------------------------------------------------
+    def lookup(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> Block | None:
+        b = self.cached.get(block_hash)
+        if b is None or b.token_ids != token_ids:  # verify: a collision is not a hit
+            return None
+        return b
+
+    def cache_full_blocks(self, blocks: list[Block], hashes: list[BlockHash],
+                          token_chunks: list[tuple[int, ...]], parent: BlockHash | None) -> None:
+        """Register newly filled blocks under their chained hashes and emit one event."""
+        if not self.enable_caching or not blocks:
+            return
+        stored_hashes: list[BlockHash] = []
+        stored_tokens: list[int] = []
+        first_parent = parent
+        for b, h, toks in zip(blocks, hashes, token_chunks, strict=True):
+            if b.block_hash is not None:
+                parent = b.block_hash
+                continue  # already cached (a hit being re-registered)
+            if h in self.cached:
+                # Another block already holds this content; this one stays private.
+                parent = h
+                continue
+            if not stored_hashes:
+                first_parent = parent
+            b.block_hash = h
+            b.token_ids = toks
+            self.cached[h] = b
+            stored_hashes.append(h)
+            stored_tokens.extend(toks)
+            parent = h
+        if stored_hashes:
+            self._events.append(BlockStored(tuple(stored_hashes), first_parent,
+                                            tuple(stored_tokens), self.block_size))
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only possible when no block is in use."""
+        if self.free_queue.size != self.num_blocks:
+            return False
+        for b in self.blocks:
+            self._reset(b)
+        self.cached.clear()
+        self._events.append(AllBlocksCleared())
+        return True
+
+    def cached_hashes(self) -> set[BlockHash]:
+        return set(self.cached)
+
+    # -- events -------------------------------------------------------------
+    def take_events(self) -> KVEventBatch | None:
+        if not self._events:
+            return None
+        self._event_seq += 1
+        batch = KVEventBatch(self.worker_id, self._event_seq, tuple(self._events))
+        self._events = []
+        return batch
+
+    @property
+    def event_seq(self) -> int:
+        return self._event_seq
+
+    # -- internals ----------------------------------------------------------
+    def _uncache(self, b: Block) -> None:
+        if b.block_hash is not None and self.cached.get(b.block_hash) is b:
+            del self.cached[b.block_hash]
+        self._reset(b)
+
+    @staticmethod
+    def _reset(b: Block) -> None:
+        b.block_hash = None
+        b.token_ids = None
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any pool invariant is broken."""
+        in_queue = set()
+        for b in self.free_queue:
+            assert b.ref_count == 0, f"block {b.block_id} in free queue with refs"
+            assert b.block_id not in in_queue, f"block {b.block_id} twice in free queue"
+            in_queue.add(b.block_id)
+        assert len(in_queue) == self.free_queue.size, "free queue size drifted"
+        for b in self.blocks:
+            assert b.ref_count >= 0, f"block {b.block_id} has negative refs"
+            assert (b.ref_count == 0) == (b.block_id in in_queue), (
+                f"block {b.block_id}: ref_count {b.ref_count} vs in-queue {b.block_id in in_queue}")
+            if b.block_hash is not None:
+                assert self.cached.get(b.block_hash) is b, f"block {b.block_id} hash not mapped"
+                assert b.token_ids is not None and len(b.token_ids) == self.block_size
+        for h, b in self.cached.items():
+            assert b.block_hash == h, f"cached map entry for block {b.block_id} is stale"

@@ -1,0 +1,249 @@
+"""The single-process engine: requests in, token chunks out, one schedule -> run -> sample step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdserve.workers.block_manager import BlockManager
+from pdserve.workers.config import EngineConfig
+from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets
+from pdserve.workers.errors import InvalidRequestError
+from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
+from pdserve.workers.models.loader import load_model, resolve_dtype
+from pdserve.workers.outputs import TokenChunk, Usage
+from pdserve.workers.sampler import Logprobs, Sampler
+from pdserve.workers.sampling_params import SamplingParams
+from pdserve.workers.scheduler import Scheduler, SchedulerConfig
+from pdserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_CONTEXT = 8192
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+class LLMEngine:
+    """Owns a model runner, a block manager and a scheduler; not thread-safe."""
+
+    def __init__(self, config: EngineConfig, model_path: str | Path | None = None,
+                 tokenizer: Any = None) -> None:
+        if model_path is None:
+            from pdserve.workers.model_store import resolve_model
+
+            cache = Path(config.model_cache_dir) if config.model_cache_dir else None
+            model_path = resolve_model(config.model, cache_dir=cache)
+        self.model_path = Path(model_path)
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
+        self.model = load_model(self.model_path, config.dtype, self.device)
+        self.model_config = self.model.config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        max_len = config.max_model_len or min(self.model_config.max_position_embeddings,
+                                              MAX_DEFAULT_CONTEXT)
+        kv_dtype = resolve_dtype(config.kv_cache_dtype or config.dtype)
+        num_blocks = config.num_blocks or max(
+            16, config.kv_cache_memory_mb * 2**20 // kv_bytes_per_block(self.model, config.block_size, kv_dtype))
+        self.config = replace(config, max_model_len=max_len, num_blocks=num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching, config.worker_id)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.long_prefill_token_threshold, max_len),
+            self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
+        self.sampler = Sampler(self.model_config.eos_token_ids, config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self._pending: list[TokenChunk] = []  # chunks produced outside step() (aborts)
+        self.num_steps = 0
+        logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
+                    num_blocks, config.block_size, max_len)
+
+    # -- requests -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.model_config.eos_token_ids
+
+    def encode_prompt(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                      messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a text prompt, token ids or chat messages; validates them."""
+        given = [x is not None for x in (prompt, prompt_token_ids, messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError("prompt", "give exactly one of prompt, prompt_token_ids, messages")
+        if messages is not None:
+            ids = self.apply_chat_template(messages)
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("prompt", f"must be a string, got {type(prompt).__name__}")
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)  # type: ignore[arg-type]
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    raise InvalidRequestError(
+                        f"prompt_token_ids[{i}]", f"{t!r} is outside the vocabulary [0, {self.vocab_size})")
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}]", "needs string 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant", "tool"):
+                raise InvalidRequestError(f"messages[{i}].role", f"unknown role {m['role']!r}")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(self, request_id: str, prompt: str | None = None,
+                    params: SamplingParams | None = None, *, prompt_token_ids: list[int] | None = None,
+                    messages: list[dict] | None = None, priority: int = 0,
+                    cache_salt: str | None = None, arrival: float | None = None) -> Sequence:
+        """Validate and queue a request; raises InvalidRequestError naming the bad field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        params = params or SamplingParams()
+        params.validate(self.vocab_size)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError("priority", "must be an integer")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InvalidRequestError("cache_salt", "must be a string")
+        ids = self.encode_prompt(prompt, prompt_token_ids, messages)
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        if len(ids) + params.max_tokens > max_len:
+            field = "prompt" if len(ids) >= max_len else "sampling_params.max_tokens"
+            raise InvalidRequestError(
+                field, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                       f"the model's context of {max_len} tokens")
+        if -(-(len(ids) + params.max_tokens) // self.config.block_size) > self.block_manager.num_blocks:
+            raise InvalidRequestError("sampling_params.max_tokens",
+                                      "the request needs more KV blocks than this worker has")
+        seq = Sequence(request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids),
+                       params=params, arrival=arrival if arrival is not None else time.monotonic(),
+                       priority=priority, cache_salt=cache_salt)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        init_offsets(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        logger.debug("request %s queued: %d prompt tokens", request_id, len(ids))
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request at whatever stage it is; frees its blocks. False if unknown."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        self._pending.append(self._final_chunk(seq, (), "", ()))
+        logger.debug("request %s aborted", request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- the step -------------------------------------------------------------
+    def step(self) -> list[TokenChunk]:
+        chunks, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return chunks
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.seq.first_scheduled is None:
+                s.seq.first_scheduled = now
+        batch, logits = self.runner.execute(sched)
+        self.scheduler.finish_step(batch)
+        self.num_steps += 1
+        sampling = [s.seq for s in batch if s.seq.num_computed_tokens == s.seq.num_tokens]
+        if not sampling:
+            return chunks
+        result = self.sampler(logits, sampling)
+        for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            chunk = self._append_token(seq, tok, lp)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
+
+    def _append_token(self, seq: Sequence, token: int, lp: Logprobs | None) -> TokenChunk | None:
+        p = seq.params
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        prev_len = len(seq.output_text)
+        seq.output_text += decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
+        reason, stop_reason = self._check_stop(seq, token, prev_len)
+        lps = (lp,) if lp is not None else ()
+        if reason is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            seq.stop_reason = stop_reason
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            text = seq.output_text[seq.emitted_text_len:]
+            seq.emitted_text_len = len(seq.output_text)
+            return self._final_chunk(seq, (token,), text, lps)
+        hold = max((len(s) for s in p.stop), default=1) - 1
+        safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
+        text = seq.output_text[seq.emitted_text_len:safe]
+        seq.emitted_text_len = safe
+        return TokenChunk(seq.request_id, (token,), text, logprobs=lps)
+
+    def _check_stop(self, seq: Sequence, token: int, prev_len: int) -> tuple[FinishReason | None, str | int | None]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return FinishReason.STOP, None
+            if token in p.stop_token_ids:
+                return FinishReason.STOP, token
+            if p.stop:
+                hit = find_stop(seq.output_text, prev_len, p.stop)
+                if hit is not None:
+                    idx, s = hit
+                    seq.output_text = seq.output_text[:idx + (len(s) if p.include_stop_str_in_output else 0)]
+                    return FinishReason.STOP, s
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= (self.config.max_model_len or 0):
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def _final_chunk(self, seq: Sequence, tokens: tuple[int, ...], text: str,
+                     lps: tuple[Logprobs, ...]) -> TokenChunk:
+        assert seq.finish_reason is not None
+        return TokenChunk(seq.request_id, tokens, text, finished=True,
+                          finish_reason=seq.finish_reason.value, stop_reason=seq.stop_reason,
+                          logprobs=lps, usage=self.usage(seq))
+
+    @staticmethod
+    def usage(seq: Sequence) -> Usage:
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+
+    # -- introspection ----------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity()
+        for seq in self.scheduler.running:
+            assert seq.request_id in self.requests or seq.prefill_only, seq.request_id

@@ -1,0 +1,49 @@
+"""KV-cache events a block pool emits for the global prefix-cache index.
+
+Every event batch carries a per-worker, strictly increasing sequence number so
+that a consumer can detect a gap (a lost batch) and ask for a snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BlockHash = bytes  # 16-byte digest (blake2b) of (parent hash, token ids, cache salt)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks whose KV became valid and reusable, in chain order.
+
+    ``parent_hash`` is the hash of the block preceding ``block_hashes[0]``
+    (``None`` for the first block of a sequence).
+    """
+
+    block_hashes: tuple[BlockHash, ...]
+    parent_hash: BlockHash | None
+    token_ids: tuple[int, ...]
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Blocks whose cached KV was evicted (the hash no longer resolves here)."""
+
+    block_hashes: tuple[BlockHash, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """The worker dropped its whole prefix cache."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventBatch:
+    """Events drained from one worker since the previous batch."""
+
+    worker_id: str
+    seq: int  # 1, 2, 3, ... per worker; a gap means events were lost
+    events: tuple[KVEvent, ...]

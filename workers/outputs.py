@@ -1,0 +1,43 @@
+"""What the engine hands back per request per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.workers.sampler import Logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """New tokens of one request since its previous chunk (a stream increment)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str  # text delta; stop strings are never in it
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: tuple[Logprobs, ...] = ()
+    usage: Usage | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """A finished request, as the offline API returns it."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    logprobs: tuple[Logprobs, ...]
+    usage: Usage

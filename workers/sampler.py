@@ -1,0 +1,114 @@
+"""Turns the last-position logits of a batch into next tokens, per request parameters.
+
+Order per row: penalties (repetition on prompt+output, presence/frequency on
+output) -> min_tokens masking -> greedy argmax, or temperature -> top-k -> top-p
+-> min-p -> a draw from the request's own generator (so a seed reproduces
+whatever else shares the batch). Logprobs come from the raw model distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.workers.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The chosen token's log-probability and, if asked, the top-n alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[Logprobs | None]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place. Repetition penalty divides positive / multiplies negative logits of seen tokens."""
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                          vals * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            out = seq.output_token_ids
+            if out:
+                ids = torch.tensor(out, dtype=torch.long, device=logits.device)
+                counts = torch.zeros(logits.shape[1], device=logits.device).index_add_(
+                    0, ids, torch.ones(len(out), device=logits.device))
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def mask_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> None:
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
+def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+                 min_p: float) -> torch.Tensor:
+    """One row's sampling distribution after temperature, top-k, top-p and min-p."""
+    x = logits / temperature
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = (cum - sorted_p) >= top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        logits = logits.float()
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits.clone()
+        apply_penalties(logits, seqs)
+        mask_min_tokens(logits, seqs, self.eos_token_ids)
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens: list[int] = []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0.0:
+                tokens.append(greedy[i])
+                continue
+            probs = filter_probs(logits[i].cpu(), p.temperature, p.top_k_or_none, p.top_p, p.min_p)
+            gen = seq.generator if seq.generator is not None else self.generator
+            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+        lps: list[Logprobs | None] = []
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None or raw_logprobs is None:
+                lps.append(None)
+                continue
+            row = raw_logprobs[i]
+            top: tuple[tuple[int, float], ...] = ()
+            if n > 0:
+                v, ix = row.topk(n)
+                top = tuple(zip(ix.tolist(), v.tolist(), strict=True))
+            lps.append(Logprobs(tokens[i], float(row[tokens[i]]), top))
+        return SampleResult(tokens, lps)

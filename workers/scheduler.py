@@ -1,0 +1,159 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget. Running sequences go first (a decode token each,
+or the next chunk of a long prompt); waiting ones are admitted in (priority,
+arrival) order while budget, sequence slots and blocks last. When blocks run out
+the lowest-priority running sequence is preempted by recompute: its blocks are
+freed and it returns to the waiting queue, later resuming where it left off.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from pdserve.workers.block_manager import BlockManager
+from pdserve.workers.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int | None = None  # chunk size cap per prompt per step
+    max_model_len: int = 2048
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens run this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence, so its logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: list[tuple[int, float, int, Sequence]] = []  # heap
+        self.running: list[Sequence] = []
+        self._tiebreak = itertools.count()
+        self.num_preemptions = 0
+
+    # -- queue ----------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        heapq.heappush(self.waiting, (seq.priority, seq.arrival, next(self._tiebreak), seq))
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of whichever queue holds it and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            for i, entry in enumerate(self.waiting):
+                if entry[3] is seq:
+                    self.waiting[i] = self.waiting[-1]
+                    self.waiting.pop()
+                    heapq.heapify(self.waiting)
+                    break
+        if seq.block_table:
+            self.bm.free(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunk_cap = self.config.long_prefill_token_threshold or budget
+
+        # 1. Running sequences, highest priority first; preempt from the back on OOM.
+        self.running.sort(key=lambda s: s.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, chunk_cap)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.bm.can_allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.block_copies.extend(self.bm.allocate(seq, n))
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was preempted: no room for anything later either
+
+        # 2. Waiting sequences, in (priority, arrival) order, while room lasts.
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0][3]
+                hits = self.bm.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+                computed = seq.num_computed_tokens + len(hits) * self.bm.block_size
+                n = min(seq.num_tokens - computed, budget, chunk_cap)
+                if not self.bm.can_allocate(seq, n, hits):
+                    break
+                heapq.heappop(self.waiting)
+                if seq.num_preemptions == 0 and seq.first_scheduled is None:
+                    seq.num_cached_tokens = len(hits) * self.bm.block_size
+                    self.bm.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
+                out.block_copies.extend(self.bm.allocate(seq, n, hits))
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        logger.debug("request %s preempted (recompute)", seq.request_id)
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        self.add(seq)
+
+    def finish_step(self, scheduled: list[ScheduledSeq]) -> None:
+        """Advance computed-token counts and cache blocks that became full."""
+        for s in scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.bm.commit(s.seq)
