@@ -1,0 +1,142 @@
+"""An asyncio front for the engine: a background thread steps it; callers stream chunks.
+
+The engine itself is single-threaded; all calls into it happen on the stepping
+thread, and requests/aborts cross over through a locked inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.workers.engine import LLMEngine
+from pdserve.workers.errors import PdserveError
+from pdserve.workers.outputs import TokenChunk
+from pdserve.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[str, Any]] = []
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side (any event loop) ---------------------------------------------
+    async def generate(self, request_id: str, prompt: str | None = None,
+                       params: SamplingParams | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
+        """Stream the request's chunks; leaving the iteration early aborts it."""
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        done = loop.create_future()
+        self._submit(("add", (request_id, prompt, params, kwargs, stream, done)))
+        await done  # raises InvalidRequestError from validation, naming the field
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn(engine)`` on the engine thread and wait for its result (blocking)."""
+        ev = threading.Event()
+        box: list[Any] = []
+        self._submit(("call", (fn, ev, box)))
+        ev.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- engine thread -------------------------------------------------------------
+    def _submit(self, item: tuple[str, Any]) -> None:
+        with self._lock:
+            self._inbox.append(item)
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._wake.clear()
+        for kind, payload in items:
+            if kind == "add":
+                rid, prompt, params, kwargs, stream, done = payload
+                try:
+                    self.engine.add_request(rid, prompt, params, **kwargs)
+                    self._streams[rid] = stream
+                    stream.loop.call_soon_threadsafe(_resolve, done, None)
+                except (PdserveError, ValueError, TypeError) as e:
+                    stream.loop.call_soon_threadsafe(_resolve, done, e)
+            elif kind == "abort":
+                if self.engine.abort_request(payload):
+                    logger.debug("request %s aborted by caller", payload)
+            elif kind == "call":
+                fn, ev, box = payload
+                try:
+                    box.append(fn(self.engine))
+                except BaseException as e:  # handed back to the caller
+                    box.append(e)
+                ev.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                continue
+            try:
+                chunks = self.engine.step()
+            except Exception as e:  # a bug: fail every stream loudly rather than hang
+                logger.exception("engine step failed")
+                for rid, stream in list(self._streams.items()):
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                    self.engine.abort_request(rid)
+                self._streams.clear()
+                continue
+            for c in chunks:
+                stream = self._streams.get(c.request_id)
+                if stream is None:
+                    continue
+                if c.finished:
+                    del self._streams[c.request_id]
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, c)
+
+
+def _resolve(fut: asyncio.Future, err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
