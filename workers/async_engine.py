@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.workers.engine import LLMEngine
-from pdserve.workers.errors import PdserveError
+from pdserve.workers.errors import InvalidRequestError, PdserveError
 from pdserve.workers.outputs import TokenChunk
 from pdserve.workers.sampling_params import SamplingParams
 
@@ -42,20 +42,36 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: str | None = None,
                        params: SamplingParams | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
         """Stream the request's chunks; leaving the iteration early aborts it."""
+
+        def start(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt, params, **kwargs)
+
+        async for chunk in self.stream(request_id, start):
+            yield chunk
+
+    async def stream(self, request_id: str, start: Any, first_only: bool = False) -> AsyncIterator[TokenChunk]:
+        """Run ``start(engine)`` on the engine thread (it adds ``request_id``), then stream
+        the request's chunks. Errors from ``start`` (validation) reach the caller.
+
+        ``first_only``: end after the first chunk without aborting (a prefill-only request
+        hands its blocks to a lease there); leaving before it still aborts."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         done = loop.create_future()
-        self._submit(("add", (request_id, prompt, params, kwargs, stream, done)))
-        await done  # raises InvalidRequestError from validation, naming the field
+        self._submit(("add", (request_id, start, stream, done)))
+        await done
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
-                if item.finished:
+                if item.finished or first_only:
                     finished = True
+                    if not item.finished:
+                        self._submit(("forget", request_id))
+                yield item
+                if finished:
                     return
         finally:
             if not finished:
@@ -74,6 +90,22 @@ class AsyncEngine:
             raise box[0]
         return box[0]
 
+    async def acall(self, fn: Any) -> Any:
+        """Run ``fn(engine)`` on the engine thread; await its result without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def run(engine: LLMEngine) -> None:
+            try:
+                res = fn(engine)
+            except BaseException as e:  # handed back to the caller
+                loop.call_soon_threadsafe(_resolve, fut, e)
+            else:
+                loop.call_soon_threadsafe(_set, fut, res)
+
+        self._submit(("run", run))
+        return await fut
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -91,16 +123,23 @@ class AsyncEngine:
             self._wake.clear()
         for kind, payload in items:
             if kind == "add":
-                rid, prompt, params, kwargs, stream, done = payload
+                rid, start, stream, done = payload
                 try:
-                    self.engine.add_request(rid, prompt, params, **kwargs)
+                    if rid in self._streams:
+                        raise InvalidRequestError("request_id", f"{rid!r} is already running")
                     self._streams[rid] = stream
+                    start(self.engine)
                     stream.loop.call_soon_threadsafe(_resolve, done, None)
-                except (PdserveError, ValueError, TypeError) as e:
+                except (PdserveError, ValueError, TypeError, KeyError) as e:
+                    self._streams.pop(rid, None)
                     stream.loop.call_soon_threadsafe(_resolve, done, e)
             elif kind == "abort":
                 if self.engine.abort_request(payload):
                     logger.debug("request %s aborted by caller", payload)
+            elif kind == "forget":
+                self._streams.pop(payload, None)
+            elif kind == "run":
+                payload(self.engine)
             elif kind == "call":
                 fn, ev, box = payload
                 try:
@@ -113,7 +152,8 @@ class AsyncEngine:
         while not self._stopped:
             self._drain_inbox()
             if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
+                self.engine.housekeeping()
+                self._wake.wait(timeout=0.25)
                 continue
             try:
                 chunks = self.engine.step()
@@ -131,6 +171,11 @@ class AsyncEngine:
                 if c.finished:
                     del self._streams[c.request_id]
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, c)
+
+
+def _set(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _resolve(fut: asyncio.Future, err: BaseException | None) -> None:

@@ -17,6 +17,7 @@ from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
 from pdserve.workers.models.loader import load_model, resolve_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
+from pdserve.workers.prompt import PromptProcessor
 from pdserve.workers.sampler import Logprobs, Sampler
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.scheduler import Scheduler, SchedulerConfig
@@ -64,6 +65,7 @@ class LLMEngine:
             self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
         self.sampler = Sampler(self.model_config.eos_token_ids, config.seed)
+        self.prompts = PromptProcessor(self.tokenizer, self.vocab_size, max_len)
         self.requests: dict[str, Sequence] = {}
         self._pending: list[TokenChunk] = []  # chunks produced outside step() (aborts)
         self.num_steps = 0
@@ -81,44 +83,16 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                       messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a text prompt, token ids or chat messages; validates them."""
-        given = [x is not None for x in (prompt, prompt_token_ids, messages)]
-        if sum(given) != 1:
-            raise InvalidRequestError("prompt", "give exactly one of prompt, prompt_token_ids, messages")
-        if messages is not None:
-            ids = self.apply_chat_template(messages)
-        elif prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidRequestError("prompt", f"must be a string, got {type(prompt).__name__}")
-            if not prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt_token_ids)  # type: ignore[arg-type]
-            for i, t in enumerate(ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                    raise InvalidRequestError(
-                        f"prompt_token_ids[{i}]", f"{t!r} is outside the vocabulary [0, {self.vocab_size})")
-        if not ids:
-            raise InvalidRequestError("prompt", "must not be empty")
-        return ids
+        return self.prompts.encode(prompt, prompt_token_ids, messages)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("messages", "must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                    or not isinstance(m.get("content"), str):
-                raise InvalidRequestError(f"messages[{i}]", "needs string 'role' and 'content'")
-            if m["role"] not in ("system", "user", "assistant", "tool"):
-                raise InvalidRequestError(f"messages[{i}].role", f"unknown role {m['role']!r}")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.prompts.apply_chat_template(messages)
 
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None, *, prompt_token_ids: list[int] | None = None,
                     messages: list[dict] | None = None, priority: int = 0,
-                    cache_salt: str | None = None, arrival: float | None = None) -> Sequence:
+                    cache_salt: str | None = None, arrival: float | None = None,
+                    prefill_only: bool = False) -> Sequence:
         """Validate and queue a request; raises InvalidRequestError naming the bad field."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
@@ -131,19 +105,13 @@ class LLMEngine:
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise InvalidRequestError("cache_salt", "must be a string")
         ids = self.encode_prompt(prompt, prompt_token_ids, messages)
-        max_len = self.config.max_model_len
-        assert max_len is not None
-        if len(ids) + params.max_tokens > max_len:
-            field = "prompt" if len(ids) >= max_len else "sampling_params.max_tokens"
-            raise InvalidRequestError(
-                field, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                       f"the model's context of {max_len} tokens")
+        self.prompts.check_length(len(ids), params.max_tokens)
         if -(-(len(ids) + params.max_tokens) // self.config.block_size) > self.block_manager.num_blocks:
             raise InvalidRequestError("sampling_params.max_tokens",
                                       "the request needs more KV blocks than this worker has")
         seq = Sequence(request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids),
                        params=params, arrival=arrival if arrival is not None else time.monotonic(),
-                       priority=priority, cache_salt=cache_salt)
+                       priority=priority, cache_salt=cache_salt, prefill_only=prefill_only)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_offsets(seq)
@@ -169,6 +137,7 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
+        self.housekeeping()
         chunks, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         if sched.empty:
@@ -189,6 +158,9 @@ class LLMEngine:
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def housekeeping(self) -> None:
+        """Hook for housekeeping between steps (lease expiry in the P/D engine)."""
 
     def _append_token(self, seq: Sequence, token: int, lp: Logprobs | None) -> TokenChunk | None:
         p = seq.params
@@ -212,7 +184,13 @@ class LLMEngine:
         safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
         text = seq.output_text[seq.emitted_text_len:safe]
         seq.emitted_text_len = safe
+        if seq.prefill_only:
+            self._on_prefill_done(seq)
         return TokenChunk(seq.request_id, (token,), text, logprobs=lps)
+
+    def _on_prefill_done(self, seq: Sequence) -> None:
+        """A prefill-only sequence sampled its first token: the P/D engine leases its blocks."""
+        raise NotImplementedError("prefill_only requests need the disaggregated engine")
 
     def _check_stop(self, seq: Sequence, token: int, prev_len: int) -> tuple[FinishReason | None, str | int | None]:
         p = seq.params

@@ -31,3 +31,11 @@ class ModelLoadError(PdserveError):
 
 class RequestAbortedError(PdserveError):
     """The request was aborted before it finished."""
+
+
+class UnavailableError(PdserveError):
+    """No worker can take the request right now; the client may retry."""
+
+
+class QueueFullError(PdserveError):
+    """A queue or rate limit is full; the client should back off."""

@@ -131,7 +131,7 @@ class Scheduler:
                 if not self.bm.can_allocate(seq, n, hits):
                     break
                 heapq.heappop(self.waiting)
-                if seq.num_preemptions == 0 and seq.first_scheduled is None:
+                if seq.first_scheduled is None and seq.num_output_tokens == 0:
                     seq.num_cached_tokens = len(hits) * self.bm.block_size
                     self.bm.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
                 out.block_copies.extend(self.bm.allocate(seq, n, hits))

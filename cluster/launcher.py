@@ -1,0 +1,106 @@
+"""Starts (or joins) a Ray cluster and brings up the index, the workers and the router."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pdserve.cluster.config import ClusterConfig, RoleConfig
+from pdserve.cluster.prefix_index_actor import PrefixIndexActor
+from pdserve.cluster.router import RouterActor, RouterRequest
+from pdserve.workers.actors import EngineWorkerActor
+from pdserve.workers.config import EngineConfig
+from pdserve.workers.outputs import TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> EngineConfig:
+    threads = max(1, int(role.num_cpus)) if cfg.device == "cpu" else None
+    return EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
+                        block_size=cfg.block_size, num_blocks=role.num_blocks,
+                        max_num_seqs=role.max_num_seqs,
+                        max_num_batched_tokens=role.max_num_batched_tokens,
+                        max_model_len=cfg.max_model_len,
+                        enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
+                        worker_id=worker_id, cpu_threads=threads)
+
+
+@dataclass
+class PDCluster:
+    """Handles to a running pdserve deployment on Ray."""
+
+    config: ClusterConfig
+    model_path: str
+    index: Any
+    router: Any
+    workers: dict[str, tuple[str, Any]]
+    started_ray: bool
+
+    @classmethod
+    def start(cls, config: ClusterConfig, model_path: str | Path | None = None,
+              ray_init_kwargs: dict | None = None) -> PDCluster:
+        started = False
+        if not ray.is_initialized():
+            kwargs = {"namespace": config.ray_namespace, "include_dashboard": False,
+                      "log_to_driver": True, **(ray_init_kwargs or {})}
+            if config.ray_address:
+                kwargs["address"] = config.ray_address
+            ray.init(**kwargs)
+            started = True
+        if model_path is None:
+            from pdserve.workers.model_store import resolve_model
+
+            model_path = resolve_model(config.model)
+        model_path = str(model_path)
+        suffix = uuid.uuid4().hex[:6]
+        index = PrefixIndexActor.options(name=f"pdserve-index-{suffix}", num_cpus=0).remote()
+        workers: dict[str, tuple[str, Any]] = {}
+        for role_name in ("prefill", "decode"):
+            role: RoleConfig = getattr(config, role_name)
+            for i in range(role.replicas):
+                wid = f"{role_name}-{i}-{suffix}"
+                actor = EngineWorkerActor.options(
+                    name=wid, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
+                    resources=dict(role.resources) or None,
+                ).remote(engine_config(config, role, wid), role_name, index, config.transport,
+                         config.lease_seconds, model_path, config.server.host)
+                workers[wid] = (role_name, actor)
+        ray.get([a.start.remote() for _, a in workers.values()])
+        router = RouterActor.options(name=f"pdserve-router-{suffix}", num_cpus=0).remote(
+            config, model_path, workers, index)
+        ray.get(router.start.remote())
+        logger.info("pdserve cluster up: %d prefill, %d decode workers",
+                    config.prefill.replicas, config.decode.replicas)
+        return cls(config, model_path, index, router, workers, started)
+
+    async def generate(self, request: RouterRequest) -> AsyncIterator[TokenChunk]:
+        async for ref in self.router.generate.remote(request):
+            yield await ref
+
+    def generate_sync(self, request: RouterRequest) -> list[TokenChunk]:
+        return [ray.get(ref) for ref in self.router.generate.remote(request)]
+
+    def actor(self, worker_id: str) -> Any:
+        return self.workers[worker_id][1]
+
+    def worker_ids(self, role: str) -> list[str]:
+        return [w for w, (r, _) in self.workers.items() if r == role]
+
+    def shutdown(self) -> None:
+        for _, a in self.workers.values():
+            try:
+                ray.get(a.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(a)
+        for a in (self.router, self.index):
+            ray.kill(a)
+        if self.started_ray:
+            ray.shutdown()

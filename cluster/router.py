@@ -1,0 +1,335 @@
+"""The router: validates and tokenizes a request, asks the prefix index who holds its
+blocks, places it (prefill worker + decode worker, or directly on a decode worker),
+drives the handoff and streams tokens back. Cancels and worker deaths are handled
+here so that no request hangs and no lease is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.placement import CostParams, Placement, place
+from pdserve.workers.block_manager import hash_prompt_blocks
+from pdserve.workers.disagg_engine import SeqState
+from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError, UnavailableError
+from pdserve.workers.outputs import TokenChunk
+from pdserve.workers.prompt import PromptProcessor
+from pdserve.workers.sampling_params import SamplingParams
+from pdserve.workers.worker import GenerateRequest, WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
+LOAD_POLL_S = 0.1
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RouterRequest:
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[dict, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+@dataclass(slots=True)
+class _WorkerRef:
+    worker_id: str
+    role: str
+    actor: Any
+    load: WorkerLoad | None = None
+    alive: bool = True
+
+
+@dataclass(slots=True)
+class _Active:
+    """Who holds a running request right now (for cancel propagation)."""
+
+    holder: _WorkerRef | None = None
+    lease: tuple[_WorkerRef, str] | None = None
+    cancelled: bool = False
+
+
+class Router:
+    def __init__(self, config: ClusterConfig, model_path: str, workers: dict[str, tuple[str, Any]],
+                 index: Any, tokenizer: Any = None, vocab_size: int | None = None,
+                 max_model_len: int | None = None) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.workers = {wid: _WorkerRef(wid, role, actor) for wid, (role, actor) in workers.items()}
+        self.index = index
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._max_model_len = max_model_len
+        self.prompts: PromptProcessor | None = None
+        self.active: dict[str, _Active] = {}
+        self.link_bytes_per_s = 1e9  # prior; replaced by measured handoffs
+        self.counters: dict[str, float] = {"requests": 0, "pd": 0, "direct": 0, "retries": 0,
+                                           "prefix_imports": 0, "handoff_bytes": 0,
+                                           "recomputed": 0}
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.prompts is None:
+            loop = asyncio.get_running_loop()
+            self.prompts = await loop.run_in_executor(None, self._load_prompts)
+        await self.refresh_loads()
+        self._poller = asyncio.create_task(self._poll_loads())
+
+    def _load_prompts(self) -> PromptProcessor:
+        from pdserve.workers.engine import MAX_DEFAULT_CONTEXT, load_tokenizer
+        from pdserve.workers.models.config import ModelConfig
+
+        cfg = ModelConfig.from_folder(self.model_path)
+        tok = self._tokenizer or load_tokenizer(self.model_path)
+        max_len = self._max_model_len or self.config.max_model_len or min(
+            cfg.max_position_embeddings, MAX_DEFAULT_CONTEXT)
+        return PromptProcessor(tok, self._vocab_size or cfg.vocab_size, max_len)
+
+    # -- loads ---------------------------------------------------------------------------
+    async def refresh_loads(self) -> None:
+        async def one(w: _WorkerRef) -> None:
+            try:
+                w.load = await asyncio.wait_for(w.actor.load.remote(), timeout=5)
+            except DEAD:
+                await self._mark_dead(w)
+            except (TimeoutError, Exception):
+                logger.debug("load poll of %s failed", w.worker_id, exc_info=True)
+
+        await asyncio.gather(*(one(w) for w in self.workers.values() if w.alive))
+
+    async def _poll_loads(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_POLL_S)
+            await self.refresh_loads()
+
+    async def _mark_dead(self, w: _WorkerRef) -> None:
+        if not w.alive:
+            return
+        w.alive = False
+        logger.warning("worker %s is dead; dropping it from the index", w.worker_id)
+        try:
+            await self.index.remove_worker.remote(w.worker_id)
+        except Exception:
+            logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
+
+    def _alive(self, role: str) -> list[_WorkerRef]:
+        return [w for w in self.workers.values() if w.alive and w.role == role and w.load]
+
+    # -- requests -------------------------------------------------------------------------
+    def validate(self, req: RouterRequest) -> list[int]:
+        assert self.prompts is not None, "router not started"
+        req.params.validate(self.prompts.vocab_size)
+        ids = self.prompts.encode(req.prompt,
+                                  list(req.prompt_token_ids) if req.prompt_token_ids is not None else None,
+                                  list(req.messages) if req.messages is not None else None)
+        self.prompts.check_length(len(ids), req.params.max_tokens)
+        return ids
+
+    async def tokenize(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        assert self.prompts is not None
+        return self.prompts.encode(text, None, messages)
+
+    async def generate(self, req: RouterRequest) -> AsyncIterator[TokenChunk]:
+        if not isinstance(req.request_id, str) or not req.request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        if req.request_id in self.active:
+            raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        ids = self.validate(req)
+        self.counters["requests"] += 1
+        act = _Active()
+        self.active[req.request_id] = act
+        greq = GenerateRequest(req.request_id, tuple(ids), req.params, req.priority, req.cache_salt)
+        finished = False
+        try:
+            async for chunk in self._run(greq, act):
+                yield chunk
+                if chunk.finished:
+                    finished = True
+        finally:
+            self.active.pop(req.request_id, None)
+            if not finished:
+                await self._cancel(act, req.request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        act = self.active.get(request_id)
+        if act is None:
+            return False
+        act.cancelled = True
+        await self._cancel(act, request_id)
+        return True
+
+    async def _cancel(self, act: _Active, request_id: str) -> None:
+        act.cancelled = True
+        calls = []
+        if act.holder is not None and act.holder.alive:
+            calls.append(act.holder.actor.abort.remote(request_id))
+        if act.lease is not None and act.lease[0].alive:
+            calls.append(act.lease[0].actor.release.remote(act.lease[1]))
+        for c in calls:
+            try:
+                await c
+            except Exception:
+                logger.debug("request %s: cancel call failed", request_id, exc_info=True)
+
+    async def _place(self, req: GenerateRequest) -> tuple[Placement, list[bytes]]:
+        hashes = hash_prompt_blocks(list(req.prompt_token_ids), self.config.block_size, req.cache_salt)
+        hits: dict[str, int] = {}
+        if hashes:
+            hits = await self.index.lookup.remote(hashes)
+        prefill = [w.load for w in self._alive("prefill")]
+        decode = [w.load for w in self._alive("decode")]
+        if not decode:
+            raise UnavailableError("no decode worker is available")
+        params = CostParams(self.config.block_size, self.config.decode.max_num_seqs,
+                            self.link_bytes_per_s)
+        return place(len(req.prompt_token_ids), hits, prefill, decode, params,
+                     min(req.params.max_tokens, 64)), hashes
+
+    async def _run(self, req: GenerateRequest, act: _Active) -> AsyncIterator[TokenChunk]:
+        """Place and run; on a dead worker retry elsewhere (resuming from what was streamed)."""
+        streamed: list[TokenChunk] = []
+        for attempt in range(MAX_ATTEMPTS):
+            if act.cancelled:
+                return
+            try:
+                async for chunk in self._attempt(req, act, streamed):
+                    streamed.append(chunk)
+                    yield chunk
+                return
+            except DEAD as e:
+                self.counters["retries"] += 1
+                logger.warning("request %s: worker died (%s); retry %d", req.request_id,
+                               type(e).__name__, attempt + 1)
+                for w in self.workers.values():
+                    if w.alive and w.actor is not None and act.holder is w:
+                        await self._mark_dead(w)
+                await self.refresh_loads()
+                act.holder = None
+                act.lease = None
+        raise UnavailableError(f"request {req.request_id} failed after {MAX_ATTEMPTS} attempts")
+
+    async def _attempt(self, req: GenerateRequest, act: _Active,
+                       streamed: list[TokenChunk]) -> AsyncIterator[TokenChunk]:
+        if streamed:  # resume after a decode worker died: recompute from what was streamed
+            state = self._resume_state(req, streamed)
+            d = self.workers[(await self._place(req))[0].decode]
+            act.holder = d
+            self.counters["recomputed"] += 1
+            async for chunk in self._stream(d.actor.decode.remote(state, None, None)):
+                yield chunk
+            return
+        plan, _ = await self._place(req)
+        d = self.workers[plan.decode]
+        if plan.kind == "direct":
+            self.counters["direct"] += 1
+            act.holder = d
+            async for chunk in self._stream(d.actor.generate.remote(req)):
+                yield chunk
+            return
+        self.counters["pd"] += 1
+        p = self.workers[plan.prefill]  # type: ignore[index]
+        src = self.workers[plan.prefix_source].actor if plan.prefix_source else None
+        if src is not None:
+            self.counters["prefix_imports"] += 1
+        act.holder = p
+        try:
+            res = await p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
+        except DEAD:
+            act.holder = p
+            raise
+        yield res.chunk
+        if res.chunk.finished or act.cancelled:
+            if res.handle is not None:
+                await p.actor.release.remote(res.handle.lease_id)
+            return
+        act.lease = (p, res.handle.lease_id)
+        t0 = time.monotonic()
+        for d_try in self._decode_order(d):
+            act.holder = d_try
+            try:
+                first = True
+                async for chunk in self._stream(d_try.actor.decode.remote(res.state, res.handle, p.actor)):
+                    if first:
+                        first = False
+                        act.lease = None  # the decode worker has pulled and released it
+                        self._observe_handoff(res.handle, time.monotonic() - t0)
+                    yield chunk
+                return
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, OutOfBlocksError):
+                    raise
+                logger.info("request %s: decode %s refused (no room)", req.request_id, d_try.worker_id)
+                continue
+        raise UnavailableError("every decode worker refused the request (out of KV blocks)")
+
+    def _decode_order(self, first: _WorkerRef) -> list[_WorkerRef]:
+        rest = [w for w in self._alive("decode") if w is not first]
+        rest.sort(key=lambda w: -(w.load.free_blocks if w.load else 0))
+        return [first, *rest]
+
+    def _observe_handoff(self, handle: Any, seconds: float) -> None:
+        nbytes = handle.num_blocks * handle.bytes_per_block
+        self.counters["handoff_bytes"] += nbytes
+        if seconds > 0 and nbytes > 0:
+            self.link_bytes_per_s = 0.8 * self.link_bytes_per_s + 0.2 * (nbytes / seconds)
+
+    @staticmethod
+    async def _stream(gen: Any) -> AsyncIterator[TokenChunk]:
+        async for ref in gen:
+            yield await ref
+
+    def _resume_state(self, req: GenerateRequest, streamed: list[TokenChunk]) -> SeqState:
+        assert self.prompts is not None
+        out = [t for c in streamed for t in c.token_ids]
+        ids = list(req.prompt_token_ids) + out
+        text = "".join(c.text for c in streamed)
+        full = self.prompts.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens)
+        cached = next((c.usage.cached_tokens for c in streamed if c.usage), 0)
+        return SeqState(req.request_id, tuple(ids), len(req.prompt_token_ids), req.params,
+                        req.priority, req.cache_salt, full, len(text),
+                        max(len(req.prompt_token_ids), len(ids) - 5), len(ids), cached)
+
+    # -- introspection ------------------------------------------------------------------
+    async def worker_stats(self) -> dict[str, dict]:
+        out = {}
+        for w in self.workers.values():
+            if w.alive:
+                try:
+                    out[w.worker_id] = {"role": w.role, **(await w.actor.stats.remote())}
+                except DEAD:
+                    await self._mark_dead(w)
+        return out
+
+    async def stats(self) -> dict:
+        return {"counters": dict(self.counters), "link_bytes_per_s": self.link_bytes_per_s,
+                "alive": {w.worker_id: w.alive for w in self.workers.values()},
+                "active": len(self.active)}
+
+    async def model_info(self) -> dict:
+        assert self.prompts is not None
+        return {"model": self.config.model or "SmolLM2-135M-Instruct", "path": self.model_path,
+                "vocab_size": self.prompts.vocab_size, "max_model_len": self.prompts.max_model_len,
+                "block_size": self.config.block_size}
+
+    async def ready(self) -> bool:
+        return self.prompts is not None and bool(self._alive("decode"))
+
+    async def shutdown(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+
+RouterActor = ray.remote(max_concurrency=10000)(Router)

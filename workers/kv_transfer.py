@@ -1,0 +1,181 @@
+"""KV handoff between workers: the handle, contiguous packing with per-block checksums,
+and msgpack framing for the gRPC transport.
+
+States of a handoff (the prefill side owns the lease)::
+
+    PINNED --pull--> PULLED --release--> RELEASED
+       |                                    ^
+       +-- refuse / cancel / lease timeout --+   (blocks unpinned at once)
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import torch
+
+from pdserve.workers.errors import PdserveError
+
+FRAME_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "int8": torch.int8, "uint8": torch.uint8}
+
+
+class KVTransferError(PdserveError):
+    """A pull failed (source gone, lease expired, bad frame)."""
+
+
+class KVChecksumError(KVTransferError):
+    def __init__(self, block_index: int) -> None:
+        super().__init__(f"checksum mismatch in transferred block {block_index}")
+        self.block_index = block_index
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch."
+
+
+@dataclass(frozen=True, slots=True)
+class KVHandle:
+    """Where a prefill's blocks are and under which lease (small; crosses actors)."""
+
+    request_id: str
+    worker_id: str
+    lease_id: str
+    num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+    num_blocks: int
+    block_hashes: tuple[bytes, ...]  # hashes of the full blocks, in order
+    layout: KVLayout
+    grpc_address: str | None = None  # set when the source serves blocks over gRPC
+
+    @property
+    def bytes_per_block(self) -> int:
+        lay = self.layout
+        elem = torch.empty((), dtype=_DTYPES[lay.dtype]).element_size()
+        return 2 * lay.num_layers * lay.block_size * lay.num_kv_heads * lay.head_dim * elem
+
+
+@dataclass(frozen=True, slots=True)
+class KVPayload:
+    """Blocks packed contiguously: data is uint8 [n_blocks, per_block_bytes] (layer-major inside)."""
+
+    layout: KVLayout
+    data: np.ndarray
+    checksums: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.checksums)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def layout_of(kv_caches: list[torch.Tensor]) -> KVLayout:
+    _, _, bs, h, d = kv_caches[0].shape
+    return KVLayout(len(kv_caches), bs, h, d, str(kv_caches[0].dtype).removeprefix("torch."))
+
+
+def checksum(block: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(block)).cast("B"))
+
+
+def pack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> KVPayload:
+    """Gather ``block_ids`` from every layer into one contiguous host buffer."""
+    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    # [L, 2, n, bs, h, d] -> [n, L, 2, bs, h, d] so that each block is one contiguous run.
+    stacked = torch.stack([c.index_select(1, idx) for c in kv_caches]).permute(2, 0, 1, 3, 4, 5)
+    host = stacked.contiguous().cpu()
+    data = host.view(torch.uint8).reshape(len(block_ids), -1).numpy()
+    return KVPayload(layout_of(kv_caches), data, tuple(checksum(row) for row in data))
+
+
+def unpack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], payload: KVPayload) -> None:
+    """Verify every block's checksum, then scatter the blocks into ``block_ids``."""
+    lay = payload.layout
+    if lay != layout_of(kv_caches):
+        raise KVTransferError(f"layout mismatch: got {lay}, cache is {layout_of(kv_caches)}")
+    if len(block_ids) != payload.num_blocks:
+        raise KVTransferError(f"{payload.num_blocks} blocks sent for {len(block_ids)} slots")
+    for i, row in enumerate(payload.data):
+        if checksum(row) != payload.checksums[i]:
+            raise KVChecksumError(i)
+    n = len(block_ids)
+    with warnings.catch_warnings():  # read-only buffers (Ray, gRPC) are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(payload.data)).view(_DTYPES[lay.dtype])
+    t = t.reshape(n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    t = t.to(kv_caches[0].device)
+    for layer, cache in enumerate(kv_caches):
+        cache.index_copy_(1, idx, t[:, layer].transpose(0, 1))
+
+
+# -- msgpack frames (gRPC transport) -----------------------------------------------
+
+def encode_frames(payload: KVPayload, max_frame_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """A header frame, then data frames of at most ``max_frame_bytes`` of block bytes."""
+    lay = payload.layout
+    yield msgpack.packb({
+        "v": FRAME_VERSION, "kind": "header", "dtype": lay.dtype,
+        "shape": [lay.num_layers, lay.block_size, lay.num_kv_heads, lay.head_dim],
+        "n_blocks": payload.num_blocks, "block_bytes": int(payload.data.shape[1]) if payload.num_blocks else 0,
+        "checksums": list(payload.checksums),
+    }, use_bin_type=True)
+    flat = memoryview(np.ascontiguousarray(payload.data)).cast("B")
+    for off in range(0, len(flat), max_frame_bytes):
+        chunk = flat[off:off + max_frame_bytes]
+        yield msgpack.packb({"v": FRAME_VERSION, "kind": "data", "offset": off,
+                             "crc": zlib.crc32(chunk), "data": bytes(chunk)}, use_bin_type=True)
+
+
+def _unpack(frame: bytes) -> dict:
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several types
+        raise KVTransferError(f"malformed KV frame: {e}") from e
+    if not isinstance(msg, dict) or msg.get("v") != FRAME_VERSION:
+        raise KVTransferError("KV frame of unknown version")
+    return msg
+
+
+def decode_frames(frames: Iterable[bytes]) -> KVPayload:
+    it = iter(frames)
+    try:
+        head = _unpack(next(it))
+    except StopIteration as e:
+        raise KVTransferError("empty KV stream") from e
+    if head.get("kind") != "header" or head.get("dtype") not in _DTYPES:
+        raise KVTransferError("KV stream must start with a valid header")
+    n, per = int(head["n_blocks"]), int(head["block_bytes"])
+    buf = bytearray(n * per)
+    got = 0
+    for frame in it:
+        msg = _unpack(frame)
+        data = msg.get("data")
+        off = msg.get("offset")
+        if msg.get("kind") != "data" or not isinstance(data, bytes) or not isinstance(off, int):
+            raise KVTransferError("bad KV data frame")
+        if off != got or off + len(data) > len(buf):
+            raise KVTransferError(f"KV data frame out of order at offset {off}")
+        if zlib.crc32(data) != msg.get("crc"):
+            raise KVTransferError(f"KV frame at offset {off} corrupted in transit")
+        buf[off:off + len(data)] = data
+        got += len(data)
+    if got != len(buf):
+        raise KVTransferError(f"KV stream ended early: {got} of {len(buf)} bytes")
+    layers, bs, h, d = head["shape"]
+    lay = KVLayout(layers, bs, h, d, head["dtype"])
+    data = np.frombuffer(bytes(buf), dtype=np.uint8).reshape(n, per) if n else np.zeros((0, 0), np.uint8)
+    return KVPayload(lay, data, tuple(int(c) for c in head["checksums"]))

@@ -1,0 +1,252 @@
+"""A prefill/decode worker without Ray: the asyncio face of one DisaggEngine.
+
+The Ray actor shells (``workers/actors.py``) wrap this class one method to one
+method; the transports that pull KV from a peer are injected as callables.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from pdserve.workers.async_engine import AsyncEngine
+from pdserve.workers.config import EngineConfig
+from pdserve.workers.disagg_engine import DisaggEngine, SeqState
+from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.kv_events import KVEventBatch
+from pdserve.workers.kv_transfer import KVHandle, KVPayload, KVTransferError
+from pdserve.workers.outputs import TokenChunk
+from pdserve.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PullFn = Callable[[KVHandle, int], Awaitable[KVPayload]]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A request as the router sends it to a worker (token ids already computed)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    """The first token of a prefilled request and, unless it already finished, its KV handle."""
+
+    chunk: TokenChunk
+    handle: KVHandle | None
+    state: SeqState | None
+    prefill_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLoad:
+    worker_id: str
+    role: str
+    num_running: int
+    num_waiting: int
+    waiting_tokens: int  # prompt tokens still to compute
+    free_blocks: int
+    total_blocks: int
+    num_leases: int
+    prefill_tokens_per_s: float  # measured; the router's cost model uses it
+    decode_step_s: float
+    block_bytes: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffStats:
+    bytes: int
+    seconds: float
+    recomputed: bool
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, role: str, *, lease_seconds: float = 30.0,
+                 grpc_address: str | None = None, model_path: str | None = None) -> None:
+        self.role = role
+        self.worker_id = config.worker_id
+        self.engine = DisaggEngine(config, model_path, lease_seconds=lease_seconds,
+                                   grpc_address=grpc_address)
+        self.aengine = AsyncEngine(self.engine)
+        self._prefill_tps = 2000.0  # prior until measured
+        self._decode_step_s = 0.05
+        self.last_handoff: HandoffStats | None = None
+
+    # -- whole requests on this worker (colocated / direct path) ------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        def start(engine: DisaggEngine) -> None:
+            engine.add_request(req.request_id, params=req.params,
+                               prompt_token_ids=list(req.prompt_token_ids),
+                               priority=req.priority, cache_salt=req.cache_salt)
+
+        async for chunk in self._timed(self.aengine.stream(req.request_id, start)):
+            yield chunk
+
+    # -- prefill role ----------------------------------------------------------------
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        """Run the prompt, sample the first token, keep the blocks under a lease."""
+        t0 = time.monotonic()
+
+        def start(engine: DisaggEngine) -> None:
+            engine.add_request(req.request_id, params=req.params,
+                               prompt_token_ids=list(req.prompt_token_ids),
+                               priority=req.priority, cache_salt=req.cache_salt,
+                               prefill_only=True)
+
+        first: TokenChunk | None = None
+        async for chunk in self.aengine.stream(req.request_id, start, first_only=True):
+            first = chunk
+        assert first is not None
+        dt = time.monotonic() - t0
+        if first.finished:
+            return PrefillResult(first, None, None, dt)
+
+        def take(engine: DisaggEngine):
+            lease = engine.lease_for(req.request_id)
+            return (lease.handle, lease.state) if lease else (None, None)
+
+        handle, state = await self.aengine.acall(take)
+        if handle is None:  # aborted or expired in between
+            return PrefillResult(replace(first, finished=True, finish_reason="abort"), None, None, dt)
+        uncached = len(req.prompt_token_ids) - state.num_cached_tokens
+        if uncached > 16 and dt > 0:
+            self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
+        return PrefillResult(first, handle, state, dt)
+
+    async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
+        return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
+
+    async def release(self, lease_id: str) -> bool:
+        return await self.aengine.acall(lambda e: e.release_lease(lease_id))
+
+    async def export_prefix(self, token_ids: list[int], salt: str | None, start_block: int,
+                            max_blocks: int) -> tuple[int, KVPayload | None]:
+        return await self.aengine.acall(
+            lambda e: e.export_prefix(token_ids, salt, start_block, max_blocks))
+
+    async def import_prefix(self, token_ids: list[int], salt: str | None, start_block: int,
+                            payload: KVPayload) -> int:
+        return await self.aengine.acall(
+            lambda e: e.import_prefix(token_ids, salt, start_block, payload))
+
+    # -- decode role -----------------------------------------------------------------
+    async def decode(self, state: SeqState, handle: KVHandle | None, pull: PullFn | None,
+                     release: Callable[[KVHandle], Awaitable[object]] | None = None
+                     ) -> AsyncIterator[TokenChunk]:
+        """Admit a handed-off request, pull its blocks, release the lease, stream tokens.
+
+        Without a handle (or if every pull fails) the request is recomputed here: never
+        a wrong answer. Refusal (no room) raises OutOfBlocksError after releasing the lease.
+        """
+        rid = state.request_id
+        t0 = time.monotonic()
+        payload: KVPayload | None = None
+        start_block = 0
+        if handle is not None:
+            try:
+                start_block = await self.aengine.acall(lambda e: e.reserve(state, handle.num_tokens))
+            except OutOfBlocksError:
+                if release is not None:
+                    await release(handle)
+                raise
+            try:
+                if start_block < handle.num_blocks and pull is not None:
+                    payload = await self._pull_verified(handle, start_block, pull)
+            finally:
+                if release is not None:
+                    try:
+                        await release(handle)
+                    except Exception:  # the prefill worker may be gone; its lease will expire
+                        logger.warning("request %s: lease release failed", rid, exc_info=True)
+            ok = payload is not None or start_block >= handle.num_blocks
+            nbytes = payload.nbytes if payload is not None else 0
+            self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok)
+            if ok:
+                start = lambda e: e.complete(rid, start_block, payload, handle.num_tokens)  # noqa: E731
+            else:
+                start = lambda e: e.complete(rid, start_block, None, handle.num_tokens)  # noqa: E731
+        else:
+            start = lambda e: e.admit_recompute(state)  # noqa: E731
+        async for chunk in self._timed(self.aengine.stream(rid, start)):
+            yield chunk
+
+    async def _pull_verified(self, handle: KVHandle, start_block: int, pull: PullFn) -> KVPayload | None:
+        """Pull with one retry; the checksums are verified again when the blocks are written."""
+        from pdserve.workers.kv_transfer import checksum
+
+        for attempt in range(2):
+            try:
+                payload = await pull(handle, start_block)
+            except (KVTransferError, KeyError, ConnectionError, OSError) as e:
+                logger.warning("request %s: KV pull attempt %d failed: %s", handle.request_id,
+                               attempt + 1, e)
+                continue
+            except Exception as e:  # the source died (Ray raises its own types)
+                logger.warning("request %s: KV source failed: %r", handle.request_id, e)
+                return None
+            bad = [i for i, row in enumerate(payload.data) if checksum(row) != payload.checksums[i]]
+            if not bad:
+                return payload
+            logger.warning("request %s: %d corrupt block(s) in transfer; retrying",
+                           handle.request_id, len(bad))
+        return None
+
+    # -- control -------------------------------------------------------------------------
+    async def abort(self, request_id: str) -> bool:
+        return await self.aengine.acall(lambda e: e.abort_request(request_id))
+
+    async def take_events(self) -> KVEventBatch | None:
+        return await self.aengine.acall(lambda e: e.block_manager.take_events())
+
+    async def snapshot(self) -> tuple[list[bytes], int]:
+        return await self.aengine.acall(lambda e: e.snapshot())
+
+    async def load(self) -> WorkerLoad:
+        def read(e: DisaggEngine) -> WorkerLoad:
+            sched = e.scheduler
+            waiting_tokens = sum(s.num_tokens - s.num_computed_tokens for *_, s in sched.waiting)
+            return WorkerLoad(self.worker_id, self.role, sched.num_running, sched.num_waiting,
+                              waiting_tokens, e.block_manager.num_free_blocks,
+                              e.block_manager.num_blocks, len(e.leases), self._prefill_tps,
+                              self._decode_step_s, e.runner_block_bytes, time.time())
+
+        return await self.aengine.acall(read)
+
+    async def stats(self) -> dict:
+        def read(e: DisaggEngine) -> dict:
+            bm = e.block_manager
+            return {"free_blocks": bm.num_free_blocks, "total_blocks": bm.num_blocks,
+                    "leases": len(e.leases), "reserved": len(e.reserved),
+                    "requests": len(e.requests), "prefix_queries": bm.prefix_queries,
+                    "prefix_hits": bm.prefix_hits, "preemptions": e.scheduler.num_preemptions,
+                    "expired_leases": e.num_expired_leases, "owners": bm.owners()}
+
+        return await self.aengine.acall(read)
+
+    async def cached_hashes(self) -> list[bytes]:
+        return await self.aengine.acall(lambda e: sorted(e.block_manager.pool.cached_hashes()))
+
+    async def check_integrity(self) -> bool:
+        await self.aengine.acall(lambda e: e.check_integrity())
+        return True
+
+    async def _timed(self, it: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+        last = None
+        async for chunk in it:
+            now = time.monotonic()
+            if last is not None:
+                self._decode_step_s = 0.9 * self._decode_step_s + 0.1 * (now - last)
+            last = now
+            yield chunk
+
+    def shutdown(self) -> None:
+        self.aengine.shutdown()
