@@ -50,8 +50,10 @@ class PDCluster:
         if not ray.is_initialized():
             kwargs = {"namespace": config.ray_namespace, "include_dashboard": False,
                       "log_to_driver": True, **(ray_init_kwargs or {})}
+            # None means a fresh local instance, even if a `ray start` cluster runs here.
+            kwargs["address"] = config.ray_address or "local"
             if config.ray_address:
-                kwargs["address"] = config.ray_address
+                kwargs.pop("num_cpus", None)
             ray.init(**kwargs)
             started = True
         if model_path is None:
