@@ -66,6 +66,9 @@ class ClusterConfig:
     transport: str = "object_store"
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
+    # Custom Ray resources for the router and index actors (e.g. {"head": 0.01}) so that
+    # they land on the head node; empty: anywhere.
+    head_resources: dict[str, float] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     seed: int = 0
 

@@ -62,7 +62,9 @@ class PDCluster:
             model_path = resolve_model(config.model)
         model_path = str(model_path)
         suffix = uuid.uuid4().hex[:6]
-        index = PrefixIndexActor.options(name=f"pdserve-index-{suffix}", num_cpus=0).remote()
+        head = dict(config.head_resources) or None
+        index = PrefixIndexActor.options(name=f"pdserve-index-{suffix}", num_cpus=0,
+                                         resources=head).remote()
         workers: dict[str, tuple[str, Any]] = {}
         for role_name in ("prefill", "decode"):
             role: RoleConfig = getattr(config, role_name)
@@ -75,7 +77,8 @@ class PDCluster:
                          config.lease_seconds, model_path, config.server.host)
                 workers[wid] = (role_name, actor)
         ray.get([a.start.remote() for _, a in workers.values()])
-        router = RouterActor.options(name=f"pdserve-router-{suffix}", num_cpus=0).remote(
+        router = RouterActor.options(name=f"pdserve-router-{suffix}", num_cpus=0,
+                                     resources=head).remote(
             config, model_path, workers, index)
         ray.get(router.start.remote())
         logger.info("pdserve cluster up: %d prefill, %d decode workers",

@@ -191,8 +191,10 @@ class Router:
             hits = await self.index.lookup.remote(hashes)
         prefill = [w.load for w in self._alive("prefill")]
         decode = [w.load for w in self._alive("decode")]
+        if not decode:  # degrade: a prefill worker can run whole requests too
+            decode, prefill = prefill, []
         if not decode:
-            raise UnavailableError("no decode worker is available")
+            raise UnavailableError("no worker is available")
         params = CostParams(self.config.block_size, self.config.decode.max_num_seqs,
                             self.link_bytes_per_s)
         return place(len(req.prompt_token_ids), hits, prefill, decode, params,

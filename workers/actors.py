@@ -120,6 +120,9 @@ class EngineWorkerActor:
         self._faults[kind] = count
 
     # -- control ------------------------------------------------------------------------
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     async def abort(self, request_id: str) -> bool:
         return await self.worker.abort(request_id)
 
