@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -100,10 +101,8 @@ class PDCluster:
 
     def shutdown(self) -> None:
         for _, a in self.workers.values():
-            try:
+            with contextlib.suppress(Exception):
                 ray.get(a.shutdown.remote(), timeout=10)
-            except Exception:
-                pass
             ray.kill(a)
         for a in (self.router, self.index):
             ray.kill(a)

@@ -70,10 +70,11 @@ def place(num_tokens: int, hits: dict[str, int], prefill: list[WorkerLoad],
             p_hit = min(hits.get(p.worker_id, 0), n_blocks)
             source, src_blocks = None, p_hit
             holder, h_hit = best_holder
-            if holder is not None and holder != p.worker_id and h_hit > p_hit:
-                # Import a longer prefix if moving it is faster than computing it.
-                if transfer(p, h_hit - p_hit) < prefill_seconds(p, (h_hit - p_hit) * bs) - prefill_seconds(p, 0):
-                    source, src_blocks = holder, h_hit
+            # Import a longer prefix if moving it is faster than computing it.
+            if (holder is not None and holder != p.worker_id and h_hit > p_hit
+                    and transfer(p, h_hit - p_hit)
+                    < prefill_seconds(p, (h_hit - p_hit) * bs) - prefill_seconds(p, 0)):
+                source, src_blocks = holder, h_hit
             cached = max(p_hit, src_blocks)
             cost = (prefill_seconds(p, num_tokens - cached * bs)
                     + (transfer(p, src_blocks - p_hit) if source else 0.0)

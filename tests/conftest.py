@@ -67,3 +67,83 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_path: P
         return out
 
     return make
+
+
+# -- engines shared across test modules ---------------------------------------------------------
+def _finish_all(engine) -> None:
+    """Abort whatever an earlier (possibly failed) test left in ``engine`` and drain it."""
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    while engine.has_unfinished():
+        engine.step()
+
+
+@pytest.fixture(scope="session")
+def engine_factory():
+    """``make(model_path, **EngineConfig fields) -> LLMEngine``, one engine per distinct config.
+
+    Engines of one folder and dtype share the loaded weights and the tokenizer (the model
+    holds no per-request state: the KV cache lives in each engine's runner), so a new
+    config costs only its KV cache. A returned engine has no request in flight, but its
+    prefix cache and counters carry over from earlier tests: use deltas, unique prompts,
+    or ``engine.block_manager.pool.reset_prefix_cache()``.
+    """
+    from unittest import mock
+
+    from pdserve.workers import engine as engine_mod
+    from pdserve.workers.config import EngineConfig
+    from pdserve.workers.models.loader import load_model
+
+    models: dict[tuple[str, str], object] = {}
+    tokenizers: dict[str, object] = {}
+    engines: dict[tuple, object] = {}
+
+    def make(model_path: Path, **config):
+        key = (str(model_path), tuple(sorted(config.items())))
+        eng = engines.get(key)
+        if eng is None:
+            dtype = config.get("dtype", "float32")
+            mkey = (str(model_path), dtype)
+            if mkey not in models:
+                models[mkey] = load_model(model_path, dtype, "cpu")
+            if str(model_path) not in tokenizers:
+                tokenizers[str(model_path)] = engine_mod.load_tokenizer(model_path)
+            with mock.patch.object(engine_mod, "load_model", return_value=models[mkey]):
+                eng = engine_mod.LLMEngine(EngineConfig(**config), model_path=model_path,
+                                           tokenizer=tokenizers[str(model_path)])
+            engines[key] = eng
+        _finish_all(eng)
+        return eng
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smol_engine(engine_factory, smollm2_path: Path):
+    """``smol_engine(**EngineConfig fields)``: an engine on SmolLM2 (see ``engine_factory``)."""
+
+    def make(**config):
+        config.setdefault("num_blocks", 256)
+        return engine_factory(smollm2_path, **config)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def run_engine():
+    """``run(engine, max_steps=...) -> {request_id: [TokenChunk, ...]}``: step until idle."""
+
+    def run(engine, max_steps: int = 5000, on_step=None) -> dict[str, list]:
+        chunks: dict[str, list] = {}
+        steps = 0
+        while engine.has_unfinished():
+            assert steps < max_steps, f"engine still busy after {max_steps} steps"
+            for c in engine.step():
+                chunks.setdefault(c.request_id, []).append(c)
+            engine.check_integrity()
+            steps += 1
+            if on_step is not None:
+                on_step(steps)
+        return chunks
+
+    return run

@@ -90,7 +90,14 @@ class BlockManager:
         hits = hits or []
         reclaimed = sum(1 for b in hits if b.ref_count == 0)
         need = self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
-        return need + reclaimed <= self.pool.num_free
+        return need + reclaimed + self._needs_copy(seq, num_new_tokens) <= self.pool.num_free
+
+    def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """True when the next write lands in a partial block a fork still shares (copy-on-write)."""
+        bs = self.block_size
+        if not (seq.num_computed_tokens % bs and num_new_tokens):
+            return False
+        return self.pool.blocks[seq.block_table[seq.num_computed_tokens // bs]].ref_count > 1
 
     def blocks_needed_after_hits(self, seq: Sequence, num_new_tokens: int, num_hits: int) -> int:
         total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
@@ -116,14 +123,13 @@ class BlockManager:
         self._tables[seq.seq_id] = seq.block_table
         copies: list[tuple[int, int]] = []
         bs = self.block_size
-        if seq.num_computed_tokens % bs and num_new_tokens:
+        if self._needs_copy(seq, num_new_tokens):  # shared partial block about to be written
             idx = seq.num_computed_tokens // bs
             last = self.pool.blocks[seq.block_table[idx]]
-            if last.ref_count > 1:  # shared partial block about to be written: copy it
-                (new,) = self.pool.allocate(1)
-                self.pool.free([last])
-                seq.block_table[idx] = new.block_id
-                copies.append((last.block_id, new.block_id))
+            (new,) = self.pool.allocate(1)
+            self.pool.free([last])
+            seq.block_table[idx] = new.block_id
+            copies.append((last.block_id, new.block_id))
         need = self.blocks_needed(seq, num_new_tokens)
         if need:
             seq.block_table.extend(b.block_id for b in self.pool.allocate(need))
