@@ -68,7 +68,7 @@ def main() -> None:
               "dtype": args.dtype, "num": args.num, "input_len": args.input_len,
               "output_len": args.output_len, "threads": torch.get_num_threads(),
               "host": platform.node(), "ours_tok_s": round(total_out / ours_s, 1)}
-    del eng
+    eng.runner.kv_caches.clear()  # free the KV cache before loading the peer
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 

@@ -32,13 +32,17 @@ class PromptProcessor:
                 raise InvalidRequestError("prompt", "must not be empty")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt_token_ids)  # type: ignore[arg-type]
+            if not isinstance(prompt_token_ids, (list, tuple)):
+                raise InvalidRequestError(
+                    "prompt_token_ids", f"must be a list of ints, got {type(prompt_token_ids).__name__}")
+            ids = list(prompt_token_ids)
             for i, t in enumerate(ids):
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                     raise InvalidRequestError(
                         f"prompt_token_ids[{i}]", f"{t!r} is outside the vocabulary [0, {self.vocab_size})")
         if not ids:
-            raise InvalidRequestError("prompt", "must not be empty")
+            raise InvalidRequestError("prompt" if prompt_token_ids is None else "prompt_token_ids",
+                                      "must not be empty")
         return ids
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
