@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pdserve.workers.beam import BeamGroup
 from pdserve.workers.block_manager import BlockManager
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets
@@ -112,6 +113,15 @@ class LLMEngine:
         seq = Sequence(request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids),
                        params=params, arrival=arrival if arrival is not None else time.monotonic(),
                        priority=priority, cache_salt=cache_salt, prefill_only=prefill_only)
+        if params.use_beam_search:
+            if prefill_only:
+                raise InvalidRequestError("sampling_params.use_beam_search",
+                                          "beam search runs on one worker (not split)")
+            seq.seq_id = f"{request_id}#0"
+            seq.beam = BeamGroup(request_id, params.beam_width, params.length_penalty,
+                                 params.early_stopping, params.max_tokens,
+                                 () if params.ignore_eos else self.eos_token_ids, len(ids),
+                                 beams=[seq], scores=[0.0])
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_offsets(seq)
@@ -125,7 +135,8 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
+        for b in (seq.beam.beams if seq.beam is not None else [seq]):
+            self.scheduler.remove(b)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = FinishReason.ABORT
         self._pending.append(self._final_chunk(seq, (), "", ()))
@@ -152,12 +163,75 @@ class LLMEngine:
         sampling = [s.seq for s in batch if s.seq.num_computed_tokens == s.seq.num_tokens]
         if not sampling:
             return chunks
+        if any(s.beam is not None for s in sampling):
+            sampling, logits = self._collect_beams(sampling, logits, chunks)
+            if not sampling:
+                return chunks
         result = self.sampler(logits, sampling)
         for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
             chunk = self._append_token(seq, tok, lp)
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    # -- beam search --------------------------------------------------------------
+    def _collect_beams(self, seqs: list[Sequence], logits: torch.Tensor,
+                       chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:
+        """Hand beam rows to their groups (stepping groups whose beams are all in);
+        return the other sequences and their logits."""
+        keep = [i for i, s in enumerate(seqs) if s.beam is None]
+        groups = {}
+        for i, s in enumerate(seqs):
+            if s.beam is not None:
+                s.beam.pending[s.seq_id] = torch.log_softmax(logits[i].float(), dim=-1)
+                groups[id(s.beam)] = s.beam
+        for g in groups.values():
+            if g.ready():
+                chunk = self._beam_step(g)
+                if chunk is not None:
+                    chunks.append(chunk)
+        return [seqs[i] for i in keep], logits[keep]
+
+    def _beam_step(self, g: BeamGroup) -> TokenChunk | None:
+        running, done = g.select()
+        if done:
+            first = g.beams[0]
+            for b in g.beams:
+                self.scheduler.remove(b)
+            self.requests.pop(g.request_id, None)
+            results = [replace(r, text=self.tokenizer.decode(
+                r.token_ids, skip_special_tokens=first.params.skip_special_tokens))
+                for r in g.results(first.params.n)]
+            best = results[0]
+            stopped = bool(best.token_ids) and best.token_ids[-1] in g.eos_ids
+            first.finish_reason = FinishReason.STOP if stopped else FinishReason.LENGTH
+            usage = Usage(g.num_prompt_tokens, len(best.token_ids), first.num_cached_tokens)
+            return TokenChunk(g.request_id, best.token_ids, best.text, finished=True,
+                              finish_reason=first.finish_reason.value, usage=usage,
+                              beams=tuple(results))
+        old, used = g.beams, set()
+        new: list[tuple[Sequence, int, float]] = []
+        for parent, token, score in running:
+            p = old[parent]
+            if parent in used:  # a second child of the same beam: share its blocks
+                child = replace(p, token_ids=list(p.token_ids), block_table=[],
+                                block_hashes=[], seq_id=f"{g.request_id}#{len(old) + g.forks}")
+                g.forks += 1
+                self.block_manager.fork(p, child)
+                child.status = SequenceStatus.RUNNING
+                self.scheduler.running.append(child)
+                new.append((child, token, score))
+            else:
+                used.add(parent)
+                new.append((p, token, score))
+        for i, p in enumerate(old):
+            if i not in used:
+                self.scheduler.remove(p)
+        for seq, token, _ in new:
+            seq.token_ids.append(token)
+        g.beams = [s for s, _, _ in new]
+        g.scores = [sc for _, _, sc in new]
+        return None
 
     def housekeeping(self) -> None:
         """Hook for housekeeping between steps (lease expiry in the P/D engine)."""

@@ -27,6 +27,7 @@ class TokenChunk:
     logprobs: tuple[Logprobs, ...] = ()
     usage: Usage | None = None
     error: str | None = None
+    beams: tuple = ()  # beam search: BeamResult per returned beam, best first (final chunk)
 
 
 @dataclass(frozen=True, slots=True)

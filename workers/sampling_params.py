@@ -55,6 +55,10 @@ class SamplingParams:
         return self.temperature == 0.0 and not self.use_beam_search
 
     @property
+    def beam_width(self) -> int:
+        return self.best_of or self.n
+
+    @property
     def top_k_or_none(self) -> int | None:
         return None if self.top_k in (None, -1) else self.top_k
 
@@ -107,8 +111,13 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if integer("n", self.n) < 1:
             bad("n", f"must be at least 1, got {self.n}")
-        if self.use_beam_search and self.n < 2 and self.best_of is None:
-            pass  # a single beam is plain greedy search; allowed
+        if self.use_beam_search:
+            if self.temperature != 0.0 and self.temperature != 1.0:
+                bad("temperature", "beam search is deterministic; leave temperature unset")
+            if self.stop or self.logprobs is not None:
+                bad("use_beam_search", "stop strings and logprobs are not supported with beams")
+            if self.beam_width > 16:
+                bad("n", f"at most 16 beams, got {self.beam_width}")
         if self.best_of is not None and integer("best_of", self.best_of) < self.n:
             bad("best_of", f"must be >= n ({self.n}), got {self.best_of}")
         number("length_penalty", self.length_penalty)

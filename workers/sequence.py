@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,6 +58,7 @@ class Sequence:
     first_scheduled: float | None = None
     first_token_time: float | None = None
     seq_id: str = ""  # unique per sequence; defaults to the request id
+    beam: Any = None  # the BeamGroup this sequence is a beam of (beam search only)
 
     def __post_init__(self) -> None:
         if not self.seq_id:

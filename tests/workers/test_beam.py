@@ -1,0 +1,128 @@
+"""Beam search equals transformers' beam search (same beams, same scores) and forks share
+blocks, copying exactly one block when a beam writes into a shared partial block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.workers.block_manager import BlockManager
+from pdserve.workers.config import EngineConfig
+from pdserve.workers.engine import LLMEngine
+from pdserve.workers.errors import InvalidRequestError
+from pdserve.workers.sampling_params import SamplingParams
+from pdserve.workers.sequence import Sequence
+
+NUM_BLOCKS = 160
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path):
+    return LLMEngine(EngineConfig(num_blocks=NUM_BLOCKS), model_path=smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+
+def _run(engine: LLMEngine, rid: str, ids: list[int], params: SamplingParams):
+    engine.add_request(rid, prompt_token_ids=ids, params=params)
+    final = None
+    while engine.has_unfinished():
+        for c in engine.step():
+            if c.finished:
+                final = c
+    return final
+
+
+def _hf_beams(hf, ids, width, max_tokens, lp, es, eos=2):
+    g = hf.generate(torch.tensor([ids]), num_beams=width, num_return_sequences=width,
+                    max_new_tokens=max_tokens, do_sample=False, length_penalty=lp,
+                    early_stopping=es, output_scores=True, return_dict_in_generate=True)
+    beams = []
+    for s in g.sequences:
+        t = s[len(ids):].tolist()
+        beams.append(tuple(t[: t.index(eos) + 1] if eos in t else t))
+    return beams, g.sequences_scores.tolist()
+
+
+@pytest.mark.parametrize("width,max_tokens,lp,early", [(3, 12, 1.0, False), (4, 10, 0.5, True)])
+def test_beam_search_matches_transformers(engine, hf, width, max_tokens, lp, early):
+    prompts = [
+        engine.apply_chat_template([{"role": "user", "content": "Name a color."}]),
+        engine.tokenizer.encode("The history of Rome began"),
+        engine.tokenizer.encode("def fibonacci(n):"),
+    ]
+    for i, ids in enumerate(prompts):
+        sp = SamplingParams(max_tokens=max_tokens, use_beam_search=True, n=width,
+                            length_penalty=lp, early_stopping=early, temperature=0)
+        out = _run(engine, f"beam-{width}-{i}", ids, sp)
+        beams, scores = _hf_beams(hf, ids, width, max_tokens, lp, early)
+        assert [b.token_ids for b in out.beams] == beams
+        assert [b.score for b in out.beams] == pytest.approx(scores, abs=2e-4)
+        assert out.token_ids == beams[0]
+        assert out.text == engine.tokenizer.decode(beams[0], skip_special_tokens=True)
+        engine.check_integrity()
+        assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+
+
+def test_beam_fork_copies_only_written_shared_block(engine):
+    copies: list[tuple[int, int]] = []
+    orig = engine.runner.copy_blocks
+
+    def spy(c):
+        copies.extend(c)
+        orig(c)
+
+    engine.runner.copy_blocks = spy
+    try:
+        ids = engine.tokenizer.encode("Once upon a time, in a land far away,")  # partial block
+        sp = SamplingParams(max_tokens=6, use_beam_search=True, n=3, temperature=0)
+        _run(engine, "beam-copies", ids, sp)
+    finally:
+        engine.runner.copy_blocks = orig
+    # Each copy is one block (src, dst) and only ever of a partially filled shared block.
+    assert copies and all(s != d for s, d in copies)
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+
+
+def test_fork_then_write_copies_exactly_one_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = Sequence("r", list(range(10)), 10, SamplingParams(), 0.0, seq_id="r#0")
+    bm.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    child = Sequence("r", list(range(10)), 10, SamplingParams(), 0.0, seq_id="r#1")
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table
+    child.token_ids.append(99)
+    copies = bm.allocate(child, 1)
+    assert len(copies) == 1 and copies[0][0] == parent.block_table[-1]
+    assert child.block_table[:2] == parent.block_table[:2]  # full blocks stay shared
+    bm.check_integrity()
+    bm.free(child)
+    bm.free(parent)
+    bm.check_integrity()
+    assert bm.num_free_blocks == 8
+
+
+def test_beam_abort_frees_every_beam(engine):
+    ids = engine.tokenizer.encode("A long story about the sea and the ships that sail it")
+    engine.add_request("beam-abort", prompt_token_ids=ids,
+                       params=SamplingParams(max_tokens=30, use_beam_search=True, n=4, temperature=0))
+    for _ in range(4):
+        engine.step()
+    assert engine.abort_request("beam-abort")
+    engine.step()
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+
+
+def test_beam_search_rejects_stop_strings(engine):
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request("beam-bad", prompt="hi", params=SamplingParams(
+            use_beam_search=True, n=2, stop=("x",), temperature=0))
+    assert e.value.field == "sampling_params.use_beam_search"
