@@ -18,6 +18,7 @@ from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
 from pdserve.workers.models.loader import load_model, resolve_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
+from pdserve.workers.parallel import ParallelGroup, fan_out
 from pdserve.workers.prompt import PromptProcessor
 from pdserve.workers.sampler import Logprobs, Sampler
 from pdserve.workers.sampling_params import SamplingParams
@@ -122,6 +123,8 @@ class LLMEngine:
                                  params.early_stopping, params.max_tokens,
                                  () if params.ignore_eos else self.eos_token_ids, len(ids),
                                  beams=[seq], scores=[0.0])
+        elif params.n > 1:
+            seq.parallel = ParallelGroup(params.n)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_offsets(seq)
@@ -135,7 +138,9 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
-        for b in (seq.beam.beams if seq.beam is not None else [seq]):
+        group = seq.beam.beams if seq.beam is not None else (
+            seq.parallel.seqs if seq.parallel is not None and seq.parallel.forked else [seq])
+        for b in group:
             self.scheduler.remove(b)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = FinishReason.ABORT
@@ -167,12 +172,25 @@ class LLMEngine:
             sampling, logits = self._collect_beams(sampling, logits, chunks)
             if not sampling:
                 return chunks
+        if any(s.parallel is not None and not s.parallel.forked for s in sampling):
+            sampling, logits = self._fan_out(sampling, logits)
         result = self.sampler(logits, sampling)
         for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
             chunk = self._append_token(seq, tok, lp)
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def _fan_out(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        rows = list(range(len(seqs)))
+        out = list(seqs)
+        for i, s in enumerate(seqs):
+            if s.parallel is not None and not s.parallel.forked:
+                children = fan_out(s, self.block_manager)
+                self.scheduler.running.extend(children)
+                out.extend(children)
+                rows.extend([i] * len(children))
+        return out, logits[rows]
 
     # -- beam search --------------------------------------------------------------
     def _collect_beams(self, seqs: list[Sequence], logits: torch.Tensor,
@@ -249,10 +267,17 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason
             seq.stop_reason = stop_reason
-            self.requests.pop(seq.request_id, None)
             self.scheduler.remove(seq)
             text = seq.output_text[seq.emitted_text_len:]
             seq.emitted_text_len = len(seq.output_text)
+            g = seq.parallel
+            if g is not None and g.forked:
+                g.remaining -= 1
+                g.completion_tokens += seq.num_output_tokens
+                if g.remaining:  # this sample ended; its siblings go on
+                    return TokenChunk(seq.request_id, (token,), text, finish_reason=reason.value,
+                                      stop_reason=stop_reason, logprobs=lps, index=seq.index)
+            self.requests.pop(seq.request_id, None)
             return self._final_chunk(seq, (token,), text, lps)
         hold = max((len(s) for s in p.stop), default=1) - 1
         safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
@@ -260,7 +285,7 @@ class LLMEngine:
         seq.emitted_text_len = safe
         if seq.prefill_only:
             self._on_prefill_done(seq)
-        return TokenChunk(seq.request_id, (token,), text, logprobs=lps)
+        return TokenChunk(seq.request_id, (token,), text, logprobs=lps, index=seq.index)
 
     def _on_prefill_done(self, seq: Sequence) -> None:
         """A prefill-only sequence sampled its first token: the P/D engine leases its blocks."""
@@ -288,11 +313,13 @@ class LLMEngine:
         assert seq.finish_reason is not None
         return TokenChunk(seq.request_id, tokens, text, finished=True,
                           finish_reason=seq.finish_reason.value, stop_reason=seq.stop_reason,
-                          logprobs=lps, usage=self.usage(seq))
+                          logprobs=lps, usage=self.usage(seq), index=seq.index)
 
     @staticmethod
     def usage(seq: Sequence) -> Usage:
-        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+        g = seq.parallel
+        done = g.completion_tokens if g is not None and g.forked else seq.num_output_tokens
+        return Usage(seq.num_prompt_tokens, done, seq.num_cached_tokens)
 
     # -- introspection ----------------------------------------------------------
     def check_integrity(self) -> None:

@@ -68,8 +68,19 @@ class LLM:
 
 
 def collect(request_id: str, prompt_ids: tuple[int, ...], chunks: list[TokenChunk]) -> RequestOutput:
+    """Fold a request's chunks into one output; with n > 1, ``choices`` holds each sample."""
+    indices = sorted({c.index for c in chunks})
+    if indices != [0]:
+        choices = tuple(_fold(request_id, prompt_ids, [c for c in chunks if c.index == i],
+                              chunks[-1]) for i in indices)
+        return replace(choices[0], usage=chunks[-1].usage, choices=choices)
+    return _fold(request_id, prompt_ids, chunks, chunks[-1])
+
+
+def _fold(request_id: str, prompt_ids: tuple[int, ...], chunks: list[TokenChunk],
+          last_of_request: TokenChunk) -> RequestOutput:
     last = chunks[-1]
-    assert last.usage is not None
+    assert last_of_request.usage is not None
     return RequestOutput(
         request_id=request_id,
         prompt_token_ids=prompt_ids,
@@ -78,8 +89,9 @@ def collect(request_id: str, prompt_ids: tuple[int, ...], chunks: list[TokenChun
         finish_reason=last.finish_reason,
         stop_reason=last.stop_reason,
         logprobs=tuple(lp for c in chunks for lp in c.logprobs),
-        usage=last.usage,
+        usage=last_of_request.usage,
+        beams=last.beams,
     )
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "collect", "replace"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "collect"]

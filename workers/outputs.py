@@ -27,6 +27,7 @@ class TokenChunk:
     logprobs: tuple[Logprobs, ...] = ()
     usage: Usage | None = None
     error: str | None = None
+    index: int = 0  # which sample of an n > 1 request (a sample ends at its finish_reason)
     beams: tuple = ()  # beam search: BeamResult per returned beam, best first (final chunk)
 
 
@@ -42,3 +43,5 @@ class RequestOutput:
     stop_reason: str | int | None
     logprobs: tuple[Logprobs, ...]
     usage: Usage
+    beams: tuple = ()  # beam search: every returned beam (BeamResult), best first
+    choices: tuple[RequestOutput, ...] = ()  # n > 1: one output per sample, by index

@@ -59,6 +59,8 @@ class Sequence:
     first_token_time: float | None = None
     seq_id: str = ""  # unique per sequence; defaults to the request id
     beam: Any = None  # the BeamGroup this sequence is a beam of (beam search only)
+    parallel: Any = None  # the ParallelGroup of an n > 1 request
+    index: int = 0  # which of the n samples this is
 
     def __post_init__(self) -> None:
         if not self.seq_id:

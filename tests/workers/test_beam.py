@@ -126,3 +126,36 @@ def test_beam_search_rejects_stop_strings(engine):
         engine.add_request("beam-bad", prompt="hi", params=SamplingParams(
             use_beam_search=True, n=2, stop=("x",), temperature=0))
     assert e.value.field == "sampling_params.use_beam_search"
+
+
+def test_parallel_sampling_shares_prompt_blocks_and_reproduces(engine):
+    from pdserve.workers.llm import collect
+
+    ids = engine.apply_chat_template([{"role": "user", "content": "Tell me a joke."}])
+
+    def run(rid: str, with_neighbour: bool):
+        engine.add_request(rid, prompt_token_ids=ids,
+                           params=SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=7))
+        if with_neighbour:
+            engine.add_request(rid + "-other", prompt="Hello",
+                               params=SamplingParams(max_tokens=5, temperature=1.0))
+        chunks = []
+        forked_tables = None
+        while engine.has_unfinished():
+            for c in engine.step():
+                if c.request_id == rid:
+                    chunks.append(c)
+            g = engine.requests.get(rid)
+            if g is not None and g.parallel.forked and forked_tables is None:
+                forked_tables = [s.block_table[: len(ids) // 16] for s in g.parallel.seqs]
+        return collect(rid, tuple(ids), chunks), forked_tables
+
+    alone, tables = run("par-a", False)
+    crowded, _ = run("par-b", True)
+    assert len(alone.choices) == 4
+    assert [c.token_ids for c in alone.choices] == [c.token_ids for c in crowded.choices]
+    assert len({c.token_ids for c in alone.choices}) > 1  # independent samples
+    assert all(t == tables[0] for t in tables)  # the prompt's full blocks are shared
+    assert alone.usage.completion_tokens == sum(len(c.token_ids) for c in alone.choices)
+    engine.check_integrity()
+    assert engine.block_manager.num_free_blocks == NUM_BLOCKS
