@@ -252,7 +252,8 @@ class Router:
         except DEAD:
             act.holder = p
             raise
-        yield res.chunk
+        if res.chunk.token_ids or res.chunk.finished:  # KV-only prefills sample nothing
+            yield res.chunk
         if res.chunk.finished or act.cancelled:
             if res.handle is not None:
                 await p.actor.release.remote(res.handle.lease_id)

@@ -51,6 +51,11 @@ class Lease:
 
 def state_of(seq: Sequence) -> SeqState:
     gen = bytes(seq.generator.get_state().numpy().tobytes()) if seq.generator is not None else None
+    if seq.held_token is not None:  # KV-only prefill: hand over the whole prompt
+        n = seq.num_prompt_tokens + 1
+        return SeqState(seq.request_id, (*seq.token_ids, seq.held_token), n, seq.params,
+                        seq.priority, seq.cache_salt, "", 0, max(0, n - 5), n,
+                        seq.num_cached_tokens, gen)
     return SeqState(seq.request_id, tuple(seq.token_ids), seq.num_prompt_tokens, seq.params,
                     seq.priority, seq.cache_salt, seq.output_text, seq.emitted_text_len,
                     seq.prefix_offset, seq.read_offset, seq.num_cached_tokens, gen)
@@ -197,6 +202,8 @@ class DisaggEngine(LLMEngine):
         if rid in self.requests or rid in self.reserved:
             raise InvalidRequestError("request_id", f"{rid!r} is already running here")
         seq = seq_from_state(state)
+        if not seq.num_output_tokens:
+            self.attach_groups(seq)
         hits = self.block_manager.match_prefix(seq)
         hits = hits[: num_kv_tokens // self.config.block_size]
         n_new = num_kv_tokens - len(hits) * self.config.block_size
@@ -230,6 +237,8 @@ class DisaggEngine(LLMEngine):
     def admit_recompute(self, state: SeqState) -> None:
         """Go on with a request from its state alone (no KV): recompute its tokens here."""
         seq = seq_from_state(state)
+        if not seq.num_output_tokens:
+            self.attach_groups(seq)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 

@@ -114,24 +114,34 @@ class LLMEngine:
         seq = Sequence(request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids),
                        params=params, arrival=arrival if arrival is not None else time.monotonic(),
                        priority=priority, cache_salt=cache_salt, prefill_only=prefill_only)
-        if params.use_beam_search:
-            if prefill_only:
-                raise InvalidRequestError("sampling_params.use_beam_search",
-                                          "beam search runs on one worker (not split)")
-            seq.seq_id = f"{request_id}#0"
-            seq.beam = BeamGroup(request_id, params.beam_width, params.length_penalty,
-                                 params.early_stopping, params.max_tokens,
-                                 () if params.ignore_eos else self.eos_token_ids, len(ids),
-                                 beams=[seq], scores=[0.0])
-        elif params.n > 1:
-            seq.parallel = ParallelGroup(params.n)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_offsets(seq)
+        if prefill_only and (params.use_beam_search or params.n > 1):
+            if len(ids) < 2:
+                raise InvalidRequestError("prompt", "a split beam/n>1 request needs 2+ tokens")
+            # Compute KV for all but the last prompt token; the decode worker runs that one
+            # and forks beams / samples over the blocks it received.
+            seq.held_token = seq.token_ids.pop()
+            seq.num_prompt_tokens -= 1
+        else:
+            self.attach_groups(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         logger.debug("request %s queued: %d prompt tokens", request_id, len(ids))
         return seq
+
+    def attach_groups(self, seq: Sequence) -> None:
+        """Make ``seq`` the root of its beam group or parallel-sampling group, if any."""
+        params = seq.params
+        if params.use_beam_search:
+            seq.seq_id = f"{seq.request_id}#0"
+            seq.beam = BeamGroup(seq.request_id, params.beam_width, params.length_penalty,
+                                 params.early_stopping, params.max_tokens,
+                                 () if params.ignore_eos else self.eos_token_ids,
+                                 seq.num_prompt_tokens, beams=[seq], scores=[0.0])
+        elif params.n > 1:
+            seq.parallel = ParallelGroup(params.n)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request at whatever stage it is; frees its blocks. False if unknown."""
@@ -168,6 +178,15 @@ class LLMEngine:
         sampling = [s.seq for s in batch if s.seq.num_computed_tokens == s.seq.num_tokens]
         if not sampling:
             return chunks
+        if any(s.held_token is not None for s in sampling):
+            keep = [i for i, s in enumerate(sampling) if s.held_token is None]
+            for s in sampling:
+                if s.held_token is not None:  # KV-only prefill (split beam / n > 1) is done
+                    self._on_prefill_done(s)
+                    chunks.append(TokenChunk(s.request_id, (), ""))
+            sampling, logits = [sampling[i] for i in keep], logits[keep]
+            if not sampling:
+                return chunks
         if any(s.beam is not None for s in sampling):
             sampling, logits = self._collect_beams(sampling, logits, chunks)
             if not sampling:

@@ -61,6 +61,7 @@ class Sequence:
     beam: Any = None  # the BeamGroup this sequence is a beam of (beam search only)
     parallel: Any = None  # the ParallelGroup of an n > 1 request
     index: int = 0  # which of the n samples this is
+    held_token: int | None = None  # KV-only prefill: the last prompt token, run by decode
 
     def __post_init__(self) -> None:
         if not self.seq_id:

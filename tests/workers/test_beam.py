@@ -159,3 +159,44 @@ def test_parallel_sampling_shares_prompt_blocks_and_reproduces(engine):
     assert alone.usage.completion_tokens == sum(len(c.token_ids) for c in alone.choices)
     engine.check_integrity()
     assert engine.block_manager.num_free_blocks == NUM_BLOCKS
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=8, use_beam_search=True, n=3, temperature=0),
+    SamplingParams(max_tokens=8, n=3, temperature=1.0, seed=11),
+])
+def test_beams_and_samples_over_a_handoff(engine, smollm2_path, params):
+    """Split: the prefill side computes the prompt's KV (all but the last token), the decode
+    side pulls it and forks beams / samples over the received blocks: same result as one engine."""
+    from pdserve.workers.disagg_engine import DisaggEngine
+    from pdserve.workers.llm import collect
+
+    pre = DisaggEngine(EngineConfig(num_blocks=64, worker_id="p"), smollm2_path,
+                       tokenizer=engine.tokenizer)
+    dec = DisaggEngine(EngineConfig(num_blocks=64, worker_id="d"), smollm2_path,
+                       tokenizer=engine.tokenizer)
+    ids = engine.tokenizer.encode("The three primary colors are red, and then what else? Tell me.")
+    pre.add_request("split", prompt_token_ids=ids, params=params, prefill_only=True)
+    while pre.lease_for("split") is None:
+        pre.step()
+    lease = pre.lease_for("split")
+    assert lease.handle.num_tokens == len(ids) - 1
+    start = dec.reserve(lease.state, lease.handle.num_tokens)
+    dec.complete("split", start, pre.export_lease(lease.lease_id, start), lease.handle.num_tokens)
+    assert pre.release_lease(lease.lease_id)
+    chunks = []
+    while dec.has_unfinished():
+        chunks += dec.step()
+    split = collect("split", tuple(ids), chunks)
+    engine.add_request("whole", prompt_token_ids=ids, params=params)
+    whole_chunks = []
+    while engine.has_unfinished():
+        whole_chunks += engine.step()
+    whole = collect("whole", tuple(ids), whole_chunks)
+    if params.use_beam_search:
+        assert [b.token_ids for b in split.beams] == [b.token_ids for b in whole.beams]
+    else:
+        assert [c.token_ids for c in split.choices] == [c.token_ids for c in whole.choices]
+    for e in (pre, dec):
+        e.check_integrity()
+        assert e.block_manager.num_free_blocks == 64
