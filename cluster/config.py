@@ -71,6 +71,9 @@ class ClusterConfig:
     head_resources: dict[str, float] = field(default_factory=dict)
     server: ServerConfig = field(default_factory=ServerConfig)
     seed: int = 0
+    # Speculative decoding on the decode workers: "ngram" (prompt lookup) or None.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
 
     def __post_init__(self) -> None:
         self.validate()

@@ -30,7 +30,9 @@ def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> Engin
                         max_num_batched_tokens=role.max_num_batched_tokens,
                         max_model_len=cfg.max_model_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-                        worker_id=worker_id, cpu_threads=threads)
+                        worker_id=worker_id, cpu_threads=threads,
+                        speculative_method=cfg.speculative_method if role is cfg.decode else None,
+                        num_speculative_tokens=cfg.num_speculative_tokens)
 
 
 @dataclass

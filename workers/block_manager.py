@@ -160,6 +160,15 @@ class BlockManager:
         self.pool.cache_full_blocks(blocks, new_hashes, chunks, parent)
         seq.block_hashes.extend(new_hashes)
 
+    def truncate(self, seq: Sequence) -> None:
+        """Free the blocks past ``seq.num_computed_tokens`` (rejected speculative KV)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        extra = seq.block_table[keep:]
+        if extra:
+            del seq.block_table[keep:]
+            self.pool.free([self.pool.blocks[i] for i in reversed(extra)])
+        del seq.block_hashes[seq.num_computed_tokens // self.block_size:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share every block of ``parent`` with ``child`` (beams, n > 1 samples)."""
         for bid in parent.block_table:

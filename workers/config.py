@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.workers.errors import InvalidRequestError
+
+QUANTIZATIONS = ("int8", "int4")  # weight-only, of the decoder's projections (workers/quant.py)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # local HF folder; None: the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"
+    quantization: str | None = None  # "int8" | "int4" weight-only; None: dtype throughout
     device: str = "cpu"
-    kv_cache_dtype: str | None = None  # None: same as dtype
+    kv_cache_dtype: str | None = None  # None: same as dtype; "int8": scaled (torch attention)
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from kv_cache_memory_mb
     kv_cache_memory_mb: int = 512
@@ -22,4 +28,20 @@ class EngineConfig:
     seed: int = 0
     worker_id: str = "local"
     model_cache_dir: str | None = None  # where the embedded model is converted to
+    speculative_method: str | None = None  # "ngram" (prompt lookup); None: off
+    num_speculative_tokens: int = 4
+    speculative_adaptive: bool = True
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    attention_backend: str = "auto"  # "auto" (Triton on CUDA), "triton" or "torch" (reference)
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise InvalidRequestError("config.quantization",
+                                      f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError("config.kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES} "
+                                      f"or None, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "int8" and self.attention_backend == "triton":
+            raise InvalidRequestError("config.kv_cache_dtype", "the int8 KV cache is read by the "
+                                      "torch reference attention only; use attention_backend "
+                                      "'torch' or 'auto'")

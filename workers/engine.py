@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 
+from pdserve.workers.attention import make_attention_backend
 from pdserve.workers.beam import BeamGroup
 from pdserve.workers.block_manager import BlockManager
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets
 from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
-from pdserve.workers.models.loader import load_model, resolve_dtype
+from pdserve.workers.models.loader import load_model, resolve_kv_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
 from pdserve.workers.parallel import ParallelGroup, fan_out
 from pdserve.workers.prompt import PromptProcessor
@@ -24,6 +25,7 @@ from pdserve.workers.sampler import Logprobs, Sampler
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.scheduler import Scheduler, SchedulerConfig
 from pdserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.workers.spec_decode import SpecConfig, SpecDecoder, verify
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +52,12 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        self.model = load_model(self.model_path, config.dtype, self.device)
+        self.model = load_model(self.model_path, config.dtype, self.device, config.quantization)
         self.model_config = self.model.config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         max_len = config.max_model_len or min(self.model_config.max_position_embeddings,
                                               MAX_DEFAULT_CONTEXT)
-        kv_dtype = resolve_dtype(config.kv_cache_dtype or config.dtype)
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, config.dtype)
         num_blocks = config.num_blocks or max(
             16, config.kv_cache_memory_mb * 2**20 // kv_bytes_per_block(self.model, config.block_size, kv_dtype))
         self.config = replace(config, max_model_len=max_len, num_blocks=num_blocks)
@@ -65,10 +67,21 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.long_prefill_token_threshold, max_len),
             self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype,
+                                  # only the reference path reads the int8 cache's scales
+                                  make_attention_backend("torch" if kv_dtype == torch.int8
+                                                         else config.attention_backend, self.device))
         self.sampler = Sampler(self.model_config.eos_token_ids, config.seed)
         self.prompts = PromptProcessor(self.tokenizer, self.vocab_size, max_len)
         self.requests: dict[str, Sequence] = {}
+        self.spec = None
+        if config.speculative_method is not None:
+            if config.speculative_method != "ngram":
+                raise InvalidRequestError("config.speculative_method",
+                                          f"{config.speculative_method!r} is not one of ('ngram',)")
+            self.spec = SpecDecoder(SpecConfig(config.speculative_method,
+                                               config.num_speculative_tokens,
+                                               config.speculative_adaptive), max_len)
         self._pending: list[TokenChunk] = []  # chunks produced outside step() (aborts)
         self.num_steps = 0
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
@@ -165,6 +178,8 @@ class LLMEngine:
     def step(self) -> list[TokenChunk]:
         self.housekeeping()
         chunks, self._pending = self._pending, []
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.empty:
             return chunks
@@ -178,6 +193,8 @@ class LLMEngine:
         sampling = [s.seq for s in batch if s.seq.num_computed_tokens == s.seq.num_tokens]
         if not sampling:
             return chunks
+        if any(s.drafts for s in sampling):
+            sampling, logits = self._verify_drafts(sampling, logits, chunks)
         if any(s.held_token is not None for s in sampling):
             keep = [i for i, s in enumerate(sampling) if s.held_token is None]
             for s in sampling:
@@ -199,6 +216,37 @@ class LLMEngine:
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def _verify_drafts(self, seqs: list[Sequence], logits: torch.Tensor,
+                       chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:
+        """Verify speculating sequences (k + 1 rows each), emit what they accepted, roll
+        back the rest; return the other sequences with their single rows."""
+        rest, rows, r = [], [], 0
+        for seq in seqs:
+            if not seq.drafts:
+                rest.append(seq)
+                rows.append(r)
+                r += 1
+                continue
+            k = len(seq.drafts)
+            drafts, seq.drafts = seq.drafts, []
+            emit = verify(seq, drafts, logits[r:r + k + 1], None)
+            r += k + 1
+            del seq.token_ids[-k:]  # back to the verified sequence, then append what holds
+            accepted = len(emit) - 1
+            self.spec.record(seq, k, accepted)
+            base = seq.num_tokens
+            for tok in emit:
+                chunk = self._append_token(seq, tok, None)
+                if chunk is not None:
+                    chunks.append(chunk)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                seq.num_computed_tokens = base + accepted  # KV holds T + accepted drafts
+                self.block_manager.truncate(seq)
+                self.block_manager.commit(seq)
+        return rest, logits[rows]
 
     def _fan_out(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         rows = list(range(len(seqs)))

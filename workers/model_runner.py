@@ -9,6 +9,7 @@ import torch
 
 from pdserve.workers.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from pdserve.workers.models.decoder import CausalLM
+from pdserve.workers.quant import kv_head_width
 from pdserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype) -> int:
     c = model.config
     elem = torch.empty((), dtype=kv_dtype).element_size()
-    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem
+    width = kv_head_width(c.head_dim, kv_dtype)  # int8 rows carry their scale
+    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * width * elem
 
 
 class ModelRunner:
@@ -32,10 +34,13 @@ class ModelRunner:
         self.num_blocks = num_blocks
         c = model.config
         self.kv_dtype = kv_dtype or next(model.parameters()).dtype
-        shape = (2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (2, num_blocks, block_size, c.num_key_value_heads,
+                 kv_head_width(c.head_dim, self.kv_dtype))
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=device)
                           for _ in range(c.num_hidden_layers)]
         self.backend = backend or TorchAttention()
+        self._pinned: torch.Tensor | None = None  # staging buffer for the per-step inputs
+        self._copied: torch.cuda.Event | None = None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -51,43 +56,70 @@ class ModelRunner:
         return ([s for s in scheduled if s.num_new_tokens > 1]
                 + [s for s in scheduled if s.num_new_tokens == 1])
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _stage(self, host: np.ndarray) -> torch.Tensor:
+        """One host->device copy per step: through a reused pinned buffer, non-blocking."""
+        n = host.size
+        if self.device.type != "cuda":
+            return torch.from_numpy(host)
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 2 * (0 if self._pinned is None else self._pinned.numel())),
+                                       dtype=torch.int64, pin_memory=True)
+        elif self._copied is not None:
+            self._copied.synchronize()  # the last step's copy may still read the buffer
+        buf = self._pinned[:n]
+        buf.numpy()[:] = host
+        dev = buf.to(self.device, non_blocking=True)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        self._copied.record()
+        return dev
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat inputs of the batch; the last value holds the rows of the tokens that sample."""
         bs = self.block_size
         ids: list[int] = []
-        pos: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        pos: list[int] = []
+        slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        nseq = len(batch)
         max_blocks = max(len(s.seq.block_table) for s in batch)
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+        tables = np.zeros((nseq, max_blocks), dtype=np.int64)
         num_prefills = 0
         for i, s in enumerate(batch):
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
-            if n > 1:
-                num_prefills += 1
-            ids.extend(seq.token_ids[start:start + n])
-            p = np.arange(start, start + n)
-            pos.append(p)
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            table = seq.block_table
             tables[i, :len(table)] = table
-            slots.append(table[p // bs] * bs + p % bs)
+            if n == 1:  # decode rows: plain ints, no per-row arrays
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                num_prefills += 1
+                ids.extend(seq.token_ids[start:start + n])
+                p = np.arange(start, start + n)
+                pos.extend(p.tolist())
+                slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-            if s.samples:
-                sample_rows.append(qsl[-1] - 1)
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos)).to(dev)
+            if s.samples:  # a speculating sequence needs a row per draft plus one
+                sample_rows.extend(range(qsl[-1] - 1 - len(s.seq.drafts), qsl[-1]))
+        t, ns = len(ids), len(sample_rows)
+        host = np.concatenate([np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64),
+                               tables.ravel()])
+        dev = self._stage(host)
+        o = 3 * t
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=dev[2 * t:o],
             query_start_loc=qsl,
             seq_lens=seq_lens,
             num_prefills=num_prefills,
-            block_tables=torch.from_numpy(tables).to(dev),
+            block_tables=dev[o + nseq + ns:].view(nseq, max_blocks),
             block_size=bs,
+            seq_lens_tensor=dev[o:o + nseq],
         )
-        return input_ids, positions, meta, sample_rows
+        return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
@@ -97,7 +129,7 @@ class ModelRunner:
         batch = self.order(out.scheduled)
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        if not rows:
+        if not rows.numel():
             return batch, torch.empty(0, self.model.config.vocab_size)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.logits(hidden[rows])
         return batch, logits

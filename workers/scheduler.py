@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pdserve.workers.block_manager import BlockManager
 from pdserve.workers.sequence import Sequence, SequenceStatus
+from pdserve.workers.spec_decode import drop_drafts
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, chunk_cap)
+            if seq.drafts and n < seq.num_tokens - seq.num_computed_tokens:
+                drop_drafts(seq)  # drafts are verified in one pass or not at all
+                n = min(1, budget)
             if n <= 0:
                 i += 1
                 continue
@@ -144,6 +148,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.debug("request %s preempted (recompute)", seq.request_id)
         self.running.remove(seq)
+        drop_drafts(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
@@ -156,4 +161,5 @@ class Scheduler:
         """Advance computed-token counts and cache blocks that became full."""
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-            self.bm.commit(s.seq)
+            if not s.seq.drafts:  # drafts' blocks are cached only after verification
+                self.bm.commit(s.seq)

@@ -62,6 +62,8 @@ class Sequence:
     parallel: Any = None  # the ParallelGroup of an n > 1 request
     index: int = 0  # which of the n samples this is
     held_token: int | None = None  # KV-only prefill: the last prompt token, run by decode
+    drafts: list[int] = field(default_factory=list)  # speculative tokens appended this step
+    spec: Any = None  # AdaptiveK: this sequence's number of drafts
 
     def __post_init__(self) -> None:
         if not self.seq_id:

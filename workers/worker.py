@@ -228,7 +228,9 @@ class Worker:
                     "leases": len(e.leases), "reserved": len(e.reserved),
                     "requests": len(e.requests), "prefix_queries": bm.prefix_queries,
                     "prefix_hits": bm.prefix_hits, "preemptions": e.scheduler.num_preemptions,
-                    "expired_leases": e.num_expired_leases, "owners": bm.owners()}
+                    "expired_leases": e.num_expired_leases, "owners": bm.owners(),
+                    "spec_proposed": e.spec.num_proposed if e.spec else 0,
+                    "spec_accepted": e.spec.num_accepted if e.spec else 0}
 
         return await self.aengine.acall(read)
 
