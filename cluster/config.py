@@ -74,6 +74,7 @@ class ClusterConfig:
     # Speculative decoding on the decode workers: "ngram" (prompt lookup) or None.
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
+    speculative_draft_model: str | None = None  # for method "draft": a local HF folder
 
     def __post_init__(self) -> None:
         self.validate()

@@ -32,7 +32,8 @@ def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> Engin
                         enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
                         worker_id=worker_id, cpu_threads=threads,
                         speculative_method=cfg.speculative_method if role is cfg.decode else None,
-                        num_speculative_tokens=cfg.num_speculative_tokens)
+                        num_speculative_tokens=cfg.num_speculative_tokens,
+                        speculative_draft_model=cfg.speculative_draft_model)
 
 
 @dataclass

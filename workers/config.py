@@ -28,7 +28,8 @@ class EngineConfig:
     seed: int = 0
     worker_id: str = "local"
     model_cache_dir: str | None = None  # where the embedded model is converted to
-    speculative_method: str | None = None  # "ngram" (prompt lookup); None: off
+    speculative_method: str | None = None  # "ngram" (prompt lookup), "draft"; None: off
+    speculative_draft_model: str | None = None  # folder of a smaller model, same tokenizer
     num_speculative_tokens: int = 4
     speculative_adaptive: bool = True
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default

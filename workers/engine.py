@@ -76,12 +76,22 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.spec = None
         if config.speculative_method is not None:
-            if config.speculative_method != "ngram":
+            if config.speculative_method not in ("ngram", "draft"):
                 raise InvalidRequestError("config.speculative_method",
-                                          f"{config.speculative_method!r} is not one of ('ngram',)")
+                                          f"{config.speculative_method!r} is not one of ('ngram', 'draft')")
+            draft = None
+            if config.speculative_method == "draft":
+                if not config.speculative_draft_model:
+                    raise InvalidRequestError("config.speculative_draft_model",
+                                              "the draft method needs a draft model folder")
+                from pdserve.workers.draft_model import DraftModelProposer
+
+                draft = DraftModelProposer(config.speculative_draft_model, config.dtype,
+                                           self.device, num_blocks, config.block_size,
+                                           self.vocab_size)
             self.spec = SpecDecoder(SpecConfig(config.speculative_method,
                                                config.num_speculative_tokens,
-                                               config.speculative_adaptive), max_len)
+                                               config.speculative_adaptive), max_len, draft)
         self._pending: list[TokenChunk] = []  # chunks produced outside step() (aborts)
         self.num_steps = 0
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
@@ -230,7 +240,8 @@ class LLMEngine:
                 continue
             k = len(seq.drafts)
             drafts, seq.drafts = seq.drafts, []
-            emit = verify(seq, drafts, logits[r:r + k + 1], None)
+            q, seq.draft_probs = seq.draft_probs, None
+            emit = verify(seq, drafts, logits[r:r + k + 1], q)
             r += k + 1
             del seq.token_ids[-k:]  # back to the verified sequence, then append what holds
             accepted = len(emit) - 1

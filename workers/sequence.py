@@ -64,6 +64,7 @@ class Sequence:
     held_token: int | None = None  # KV-only prefill: the last prompt token, run by decode
     drafts: list[int] = field(default_factory=list)  # speculative tokens appended this step
     spec: Any = None  # AdaptiveK: this sequence's number of drafts
+    draft_probs: Any = None  # [k, vocab] draft distribution (draft model, sampled requests)
 
     def __post_init__(self) -> None:
         if not self.seq_id:

@@ -12,6 +12,7 @@ engine (token count and blocks) before any block is registered in the prefix cac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -112,12 +113,15 @@ class AdaptiveK:
 class SpecDecoder:
     """Chooses which running sequences speculate this step and appends their drafts."""
 
-    def __init__(self, config: SpecConfig, max_model_len: int) -> None:
-        if config.method != "ngram":
+    def __init__(self, config: SpecConfig, max_model_len: int, draft: Any = None) -> None:
+        if config.method not in ("ngram", "draft"):
             raise ValueError(f"speculative method {config.method!r} is not available")
+        if config.method == "draft" and draft is None:
+            raise ValueError("the draft method needs a draft model")
         self.config = config
         self.max_model_len = max_model_len
         self.proposer = NgramProposer(config.ngram_max, config.ngram_min)
+        self.draft = draft  # DraftModelProposer for method "draft"
         self.num_proposed = 0
         self.num_accepted = 0
         self.num_steps = 0
@@ -131,6 +135,7 @@ class SpecDecoder:
                 and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
 
     def propose(self, running: list[Sequence]) -> None:
+        chosen: list[tuple[Sequence, int]] = []
         for seq in running:
             if seq.drafts or not self.eligible(seq):
                 continue
@@ -140,11 +145,17 @@ class SpecDecoder:
             room = min(seq.params.max_tokens - seq.num_output_tokens,
                        self.max_model_len - seq.num_tokens) - 1
             k = min(k, room)
-            if k <= 0:
-                continue
-            drafts = self.proposer.propose(seq.token_ids, k)
+            if k > 0:
+                chosen.append((seq, k))
+        if self.draft is not None:
+            self.draft.gc({s.seq_id for s in running})
+            proposals = self.draft.propose([s for s, _ in chosen], [k for _, k in chosen])
+        else:
+            proposals = [(self.proposer.propose(s.token_ids, k), None) for s, k in chosen]
+        for (seq, _), (drafts, q) in zip(chosen, proposals, strict=True):
             if drafts:
                 seq.drafts = drafts
+                seq.draft_probs = q
                 seq.token_ids.extend(drafts)
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
@@ -164,3 +175,4 @@ def drop_drafts(seq: Sequence) -> None:
     if seq.drafts:
         del seq.token_ids[-len(seq.drafts):]
         seq.drafts = []
+        seq.draft_probs = None

@@ -125,3 +125,37 @@ def test_adaptive_k_follows_acceptance():
     for _ in range(20):
         k.update(4, 4)
     assert k.k == 6
+
+
+@pytest.mark.parametrize("draft_kind", ["same", "tiny"])
+def test_draft_model_greedy_output_is_identical(engines, smollm2_path, tiny_model_factory, draft_kind):
+    """A perfect draft (the target itself) and a poor one (a tiny random model with the
+    same tokenizer) both leave greedy output unchanged; rejected KV leaves no trace."""
+    base, _ = engines
+    draft = smollm2_path if draft_kind == "same" else tiny_model_factory("llama")
+    eng = LLMEngine(EngineConfig(num_blocks=NUM_BLOCKS, speculative_method="draft",
+                                 speculative_draft_model=str(draft), num_speculative_tokens=3),
+                    model_path=smollm2_path, tokenizer=base.tokenizer)
+    prompts = [base.apply_chat_template([{"role": "user", "content": "Name three fruits."}]),
+               base.tokenizer.encode("The capital of France is")]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    assert _run(eng, prompts, params, f"dm{draft_kind}") == _run(base, prompts, params, "dmb")
+    rate = eng.spec.acceptance_rate
+    assert eng.spec.num_proposed > 0
+    if draft_kind == "same":
+        assert rate > 0.9
+    eng.check_integrity()
+    assert eng.block_manager.num_free_blocks == NUM_BLOCKS
+    eng.spec.draft.gc(set())
+    assert eng.spec.draft.bm.num_free_blocks == eng.spec.draft.bm.num_blocks
+
+
+def test_draft_model_sampling_is_reproducible(engines, smollm2_path, tiny_model_factory):
+    base, _ = engines
+    eng = LLMEngine(EngineConfig(num_blocks=NUM_BLOCKS, speculative_method="draft",
+                                 speculative_draft_model=str(tiny_model_factory("llama")),
+                                 num_speculative_tokens=3),
+                    model_path=smollm2_path, tokenizer=base.tokenizer)
+    prompt = [base.tokenizer.encode("Once upon a time")]
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=5)
+    assert _run(eng, prompt, params, "r1") == _run(eng, prompt, params, "r2")
