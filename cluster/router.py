@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,7 @@ class Router:
                                            "prefix_imports": 0, "handoff_bytes": 0,
                                            "recomputed": 0}
         self._poller: asyncio.Task | None = None
+        self.timings: deque[dict] = deque(maxlen=4096)  # per P/D request, for benchmarks
 
     async def start(self) -> None:
         if self.prompts is None:
@@ -247,11 +249,9 @@ class Router:
         if src is not None:
             self.counters["prefix_imports"] += 1
         act.holder = p
-        try:
-            res = await p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
-        except DEAD:
-            act.holder = p
-            raise
+        t_start = time.monotonic()
+        res = await p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
+        t_prefilled = time.monotonic()
         if res.chunk.token_ids or res.chunk.finished:  # KV-only prefills sample nothing
             yield res.chunk
         if res.chunk.finished or act.cancelled:
@@ -268,7 +268,14 @@ class Router:
                     if first:
                         first = False
                         act.lease = None  # the decode worker has pulled and released it
-                        self._observe_handoff(res.handle, time.monotonic() - t0)
+                        now = time.monotonic()
+                        self._observe_handoff(res.handle, now - t0)
+                        self.timings.append({
+                            "request_id": req.request_id, "queue_s": res.queue_seconds,
+                            "prefill_s": res.prefill_seconds - res.queue_seconds,
+                            "first_token_s": t_prefilled - t_start,
+                            "second_token_s": now - t_start,
+                            "handoff_bytes": res.handle.num_blocks * res.handle.bytes_per_block})
                     yield chunk
                 return
             except ray.exceptions.RayTaskError as e:
@@ -315,6 +322,9 @@ class Router:
                 except DEAD:
                     await self._mark_dead(w)
         return out
+
+    async def request_timings(self) -> list[dict]:
+        return list(self.timings)
 
     async def stats(self) -> dict:
         return {"counters": dict(self.counters), "link_bytes_per_s": self.link_bytes_per_s,

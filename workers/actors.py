@@ -120,6 +120,10 @@ class EngineWorkerActor:
         self._faults[kind] = count
 
     # -- control ------------------------------------------------------------------------
+    def handoff_log(self) -> list[tuple[str, int, float, bool]]:
+        """(request id, bytes pulled, seconds for reserve + pull + release, recomputed)."""
+        return list(self.worker.handoff_log)
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 

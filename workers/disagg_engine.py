@@ -47,6 +47,7 @@ class Lease:
     handle: KVHandle
     state: SeqState
     expires_at: float
+    queue_seconds: float = 0.0  # arrival -> first scheduled on the prefill worker
 
 
 def state_of(seq: Sequence) -> SeqState:
@@ -101,8 +102,9 @@ class DisaggEngine(LLMEngine):
         self.block_manager.pin(lease_id, block_ids)
         handle = KVHandle(seq.request_id, self.config.worker_id, lease_id, seq.num_computed_tokens,
                           n_blocks, tuple(seq.block_hashes), self.layout, self.grpc_address)
+        queued = (seq.first_scheduled or seq.arrival) - seq.arrival
         self.leases[lease_id] = Lease(lease_id, list(block_ids), handle, state_of(seq),
-                                      time.monotonic() + self.lease_seconds)
+                                      time.monotonic() + self.lease_seconds, queued)
         self.requests.pop(seq.request_id, None)
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED

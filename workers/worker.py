@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -43,7 +44,8 @@ class PrefillResult:
     chunk: TokenChunk
     handle: KVHandle | None
     state: SeqState | None
-    prefill_seconds: float
+    prefill_seconds: float  # submit -> first token on the prefill worker (queue included)
+    queue_seconds: float = 0.0  # of which waiting in the prefill worker's queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class Worker:
         self._prefill_tps = 2000.0  # prior until measured
         self._decode_step_s = 0.05
         self.last_handoff: HandoffStats | None = None
+        self.handoff_log: deque[tuple[str, int, float, bool]] = deque(maxlen=4096)
 
     # -- whole requests on this worker (colocated / direct path) ------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -112,15 +115,15 @@ class Worker:
 
         def take(engine: DisaggEngine):
             lease = engine.lease_for(req.request_id)
-            return (lease.handle, lease.state) if lease else (None, None)
+            return (lease.handle, lease.state, lease.queue_seconds) if lease else (None, None, 0.0)
 
-        handle, state = await self.aengine.acall(take)
+        handle, state, queued = await self.aengine.acall(take)
         if handle is None:  # aborted or expired in between
             return PrefillResult(replace(first, finished=True, finish_reason="abort"), None, None, dt)
         uncached = len(req.prompt_token_ids) - state.num_cached_tokens
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
-        return PrefillResult(first, handle, state, dt)
+        return PrefillResult(first, handle, state, dt, queued)
 
     async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
         return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
@@ -170,6 +173,7 @@ class Worker:
             ok = payload is not None or start_block >= handle.num_blocks
             nbytes = payload.nbytes if payload is not None else 0
             self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok)
+            self.handoff_log.append((rid, nbytes, self.last_handoff.seconds, not ok))
             if ok:
                 start = lambda e: e.complete(rid, start_block, payload, handle.num_tokens)  # noqa: E731
             else:
