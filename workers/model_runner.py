@@ -27,7 +27,8 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  device: torch.device, kv_dtype: torch.dtype | None = None,
-                 backend: AttentionBackend | None = None) -> None:
+                 backend: AttentionBackend | None = None, max_model_len: int | None = None,
+                 cuda_graphs: bool = False, max_num_seqs: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -41,6 +42,18 @@ class ModelRunner:
         self.backend = backend or TorchAttention()
         self._pinned: torch.Tensor | None = None  # staging buffer for the per-step inputs
         self._copied: torch.cuda.Event | None = None
+        self.graphs = None  # DecodeGraphs: decode-only steps replay a captured graph
+        if cuda_graphs and device.type == "cuda" and max_model_len and max_num_seqs:
+            from pdserve.workers.kernels.attention import TritonAttention
+
+            if isinstance(self.backend, TritonAttention):
+                from pdserve.workers.decode_graphs import DecodeGraphs
+
+                try:
+                    self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, block_size,
+                                               max_model_len, max_num_seqs, device)
+                except RuntimeError as e:  # a layer that syncs or reads host values: no graphs
+                    logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -127,9 +140,26 @@ class ModelRunner:
         for the sequences that sample, in that order."""
         self.copy_blocks(out.block_copies)
         batch = self.order(out.scheduled)
+        if self.graphs is not None and self.graphs.fits(len(batch)) and all(
+                s.num_new_tokens == 1 and s.samples for s in batch):
+            return batch, self.model.logits(self._run_graph(batch))
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not rows.numel():
             return batch, torch.empty(0, self.model.config.vocab_size)
         logits = self.model.logits(hidden[rows])
         return batch, logits
+
+    def _run_graph(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for s in batch:
+            seq = s.seq
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(seq.block_table)
+        assert self.graphs is not None
+        return self.graphs.run(ids, pos, slots, lens, tables)

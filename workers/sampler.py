@@ -76,6 +76,12 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
     return probs / probs.sum()
 
 
+def _edits_logits(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or seq.num_output_tokens < p.min_tokens)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
         self.eos_token_ids = eos_token_ids
@@ -86,17 +92,26 @@ class Sampler:
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = logits.clone()
-        apply_penalties(logits, seqs)
-        mask_min_tokens(logits, seqs, self.eos_token_ids)
-        greedy = logits.argmax(dim=-1).tolist()
+        if any(_edits_logits(s) for s in seqs):
+            logits = logits.clone()
+            apply_penalties(logits, seqs)
+            mask_min_tokens(logits, seqs, self.eos_token_ids)
+        # Per batch, not per row: the argmax runs on the device and comes back in one copy;
+        # rows that draw bring their logits to the host in one more.
+        sampled = [i for i, s in enumerate(seqs) if s.params.temperature != 0.0]
+        greedy = logits.argmax(dim=-1)
+        if sampled:
+            rows = logits[sampled].cpu()
+        greedy_ids = greedy.tolist()
         tokens: list[int] = []
+        j = 0
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.temperature == 0.0:
-                tokens.append(greedy[i])
+                tokens.append(greedy_ids[i])
                 continue
-            probs = filter_probs(logits[i].cpu(), p.temperature, p.top_k_or_none, p.top_p, p.min_p)
+            probs = filter_probs(rows[j], p.temperature, p.top_k_or_none, p.top_p, p.min_p)
+            j += 1
             gen = seq.generator if seq.generator is not None else self.generator
             tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
         lps: list[Logprobs | None] = []

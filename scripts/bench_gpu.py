@@ -1,0 +1,337 @@
+"""GPU benchmarks with random weights in real model shapes (no checkpoint, no tokenizer needed).
+
+Prints one JSON line per measurement:
+
+- ``offline``: N requests of fixed input/output length (EOS ignored), output tokens/s of
+  pdserve vs transformers ``generate`` on the same weights and prompts, in the same run;
+- ``latency``: batch-1 TTFT and TPOT against the bandwidth floor (weights + KV read per token).
+
+    python scripts/bench_gpu.py --model-shape qwen2.5-0.5b --mode offline   # vs HF generate
+    python scripts/bench_gpu.py --model-shape llama-3.1-8b --mode latency --skip-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, eos_token_id=151645),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                       attention_bias=False, eos_token_id=151645),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192),
+                         bos_token_id=128000, eos_token_id=128001),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+PEAK_BW = 3.0e12  # measured device-to-device copy on the H100 (PERFORMANCE.md)
+
+
+class StubTokenizer:
+    """Random-token benchmarks give token ids and read token ids: no text either way."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError("prompts are token ids here")
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def random_model(cfg_dict: dict, dtype: torch.dtype, device: str):
+    """Our CausalLM with random weights made on the device (HF names, so HF can load them)."""
+    from pdserve.workers.models.config import ModelConfig
+    from pdserve.workers.models.decoder import CausalLM
+    from pdserve.workers.models.layers import rope_inv_freq
+
+    cfg = ModelConfig.from_dict(cfg_dict)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.eval()
+
+
+def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num_seqs: int):
+    """variant: an attention backend name, with "-eager" for no CUDA graphs."""
+    from pdserve.workers import engine as engine_mod
+    from pdserve.workers.config import EngineConfig
+
+    (folder / "config.json").write_text(json.dumps(cfg_dict))
+    config = EngineConfig(model=str(folder), device="cuda", dtype=args.dtype,
+                          max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len),
+                          kv_cache_memory_mb=args.kv_cache_mb, max_model_len=4096,
+                          enable_prefix_caching=False,
+                          attention_backend=variant.removesuffix("-eager"),
+                          cuda_graphs=not variant.endswith("-eager"))
+    with mock.patch.object(engine_mod, "load_model", return_value=model):
+        return engine_mod.LLMEngine(config, model_path=folder, tokenizer=StubTokenizer())
+
+
+def release(eng) -> None:
+    eng.runner.kv_caches.clear()  # the engine may sit in a reference cycle: free its KV now
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_kernel(args) -> None:
+    """The decode kernel alone vs the torch reference path: time and KV bandwidth."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for shape in [(256, 2, 7, 64, 576), (64, 8, 4, 128, 2048), (1, 8, 4, 128, 576),
+                  (1, 8, 4, 128, 8192), (32, 8, 4, 128, 8192)]:
+        print(json.dumps(_bench_kernel_shape(*shape, sms)), flush=True)
+
+
+def _bench_kernel_shape(bsz: int, hkv: int, group: int, d: int, ctx: int, sms: int) -> dict:
+    from triton.testing import do_bench
+
+    from pdserve.workers.attention import AttentionMetadata, TorchAttention
+    from pdserve.workers.kernels.paged_attention import decode_attention, num_splits_for
+
+    bs = 16
+    nblk = bsz * (-(-ctx // bs))
+    cache = torch.randn(2, nblk, bs, hkv, d, dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(nblk, device="cuda").view(bsz, -1)
+    lens = torch.full((bsz,), ctx, device="cuda")
+    q = torch.randn(bsz, hkv * group, d, dtype=torch.bfloat16, device="cuda")
+    splits = num_splits_for(bsz, hkv, ctx, sms)
+    ms = do_bench(lambda: decode_attention(q, cache, tables, lens, d ** -0.5, splits),
+                  warmup=25, rep=200, return_mode="median")
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long, device="cuda"),
+                             query_start_loc=list(range(bsz + 1)), seq_lens=[ctx] * bsz,
+                             num_prefills=0, block_tables=tables, block_size=bs,
+                             seq_lens_tensor=lens)
+    ref = TorchAttention()
+    empty = torch.zeros(0, hkv, d, dtype=torch.bfloat16, device="cuda")
+    ref_ms = do_bench(lambda: ref.forward(q, empty, empty, cache, meta, d ** -0.5),
+                      warmup=25, rep=200, return_mode="median")
+    kv_bytes = bsz * ctx * 2 * hkv * d * 2
+    return {"bench": "decode_kernel", "device": torch.cuda.get_device_name(), "batch": bsz,
+            "kv_heads": hkv, "group": group, "head_dim": d, "ctx": ctx, "splits": splits,
+            "triton_us": round(ms * 1e3, 1), "torch_ref_us": round(ref_ms * 1e3, 1),
+            "kv_gb_s": round(kv_bytes / ms / 1e6, 1),
+            "fraction_of_3tb_s": round(kv_bytes / ms / 1e6 / 3000, 3)}
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run_offline(eng, prompts: list[list[int]], output_len: int) -> dict:
+    """All requests at once; wall time, and how it splits between prefill and decode steps."""
+    from pdserve.workers.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{i}-{time.monotonic_ns()}", prompt_token_ids=p, params=sp)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prefill_s = decode_s = 0.0
+    decode_steps = 0
+    while eng.has_unfinished():
+        decode_only = not eng.scheduler.waiting and all(
+            s.num_tokens - s.num_computed_tokens == 1 for s in eng.scheduler.running)
+        t = time.perf_counter()
+        eng.step()  # ends in the sampler's host copy: the step's GPU work is done
+        dt = time.perf_counter() - t
+        if decode_only:
+            decode_s += dt
+            decode_steps += 1
+        else:
+            prefill_s += dt
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "prefill_steps_s": prefill_s, "decode_steps_s": decode_s,
+            "decode_steps": decode_steps,
+            "decode_step_ms": 1e3 * decode_s / max(1, decode_steps)}
+
+
+def hf_offline(model, cfg_dict: dict, dtype, prompts, output_len: int, batch: int) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in cfg_dict.items() if k != "model_type"}
+    hcfg = AutoConfig.for_model(cfg_dict["model_type"], **kw)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hcfg, dtype=dtype)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("rotary" not in m and m != "lm_head.weight" for m in missing):
+        print(f"HF peer: missing {missing[:5]}, unexpected {unexpected[:5]}", file=sys.stderr)
+    hf.eval()
+
+    def gen(n_new: int, rows: list[list[int]]) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for s in range(0, len(rows), batch):
+            ids = torch.tensor(rows[s:s + batch], device="cuda")
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    gen(4, prompts[:batch])  # warm-up
+    return gen(output_len, prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    ap.add_argument("--mode", choices=["offline", "latency", "both", "kernel"], default="offline")
+    ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=256)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--kv-cache-mb", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--backends", default="auto",
+                    help="comma list of variants, e.g. auto,auto-eager,torch (A/B in one run)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="latency mode: runs, median reported")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of decode steps here")
+    args = ap.parse_args()
+    if args.mode == "kernel":
+        bench_kernel(args)
+        return
+
+    cfg_dict = SHAPES[args.model_shape]
+    dtype = DTYPES[args.dtype]
+    model = random_model(cfg_dict, dtype, "cuda")
+    wbytes = weight_bytes(model)
+    c = model.config
+    kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
+    dev = torch.cuda.get_device_name()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, c.vocab_size - 1000) for _ in range(args.input_len)]
+               for _ in range(args.num)]
+    base = {"model_shape": args.model_shape, "dtype": args.dtype, "device": dev,
+            "input_len": args.input_len, "output_len": args.output_len,
+            "weights_gb": round(wbytes / 1e9, 3)}
+    tmp = Path(tempfile.mkdtemp())
+
+    for backend in args.backends.split(","):
+        if args.mode in ("offline", "both"):
+            eng = make_engine(model, cfg_dict, tmp, args, backend, args.num)
+            run_offline(eng, prompts, args.output_len)  # warm-up: kernels compile, allocator fills
+            r = run_offline(eng, prompts, args.output_len)
+            tok_s = args.num * args.output_len / r["wall_s"]
+            # Decode floor per step: weights once + the batch's mean KV length.
+            mean_ctx = args.input_len + args.output_len / 2
+            floor_ms = 1e3 * (wbytes + args.num * mean_ctx * kv_tok) / PEAK_BW
+            out = {**base, "bench": "offline", "backend": type(eng.runner.backend).__name__,
+                   "variant": backend, "cuda_graphs": eng.runner.graphs is not None,
+                   "num": args.num, "ours_tok_s": round(tok_s, 1),
+                   "wall_s": round(r["wall_s"], 3), "prefill_steps_s": round(r["prefill_steps_s"], 3),
+                   "decode_steps_s": round(r["decode_steps_s"], 3), "decode_steps": r["decode_steps"],
+                   "decode_step_ms": round(r["decode_step_ms"], 3),
+                   "decode_step_floor_ms": round(floor_ms, 3),
+                   "prefill_tok_s": round(args.num * args.input_len / max(r["prefill_steps_s"], 1e-9))}
+            if args.profile and backend == args.backends.split(",")[0]:
+                profile_decode(eng, prompts, args, Path(args.profile))
+            release(eng)
+            print(json.dumps(out), flush=True)
+        if args.mode in ("latency", "both"):
+            eng = make_engine(model, cfg_dict, tmp, args, backend, 1)
+            ttft, tpot = [], []
+            from pdserve.workers.sampling_params import SamplingParams
+
+            sp = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+            for rep in range(args.repeats + 1):
+                eng.add_request(f"lat{rep}", prompt_token_ids=prompts[rep % len(prompts)], params=sp)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                eng.step()
+                t1 = time.perf_counter()
+                while eng.has_unfinished():
+                    eng.step()
+                t2 = time.perf_counter()
+                if rep:  # the first is the warm-up
+                    ttft.append(t1 - t0)
+                    tpot.append((t2 - t1) / (args.output_len - 1))
+            mean_ctx = args.input_len + args.output_len / 2
+            floor = (wbytes + mean_ctx * kv_tok) / PEAK_BW
+            med = statistics.median(tpot)
+            print(json.dumps({**base, "bench": "latency", "backend": type(eng.runner.backend).__name__,
+                              "variant": backend, "cuda_graphs": eng.runner.graphs is not None,
+                              "batch": 1, "ttft_ms": round(1e3 * statistics.median(ttft), 2),
+                              "tpot_ms": round(1e3 * med, 3), "tpot_floor_ms": round(1e3 * floor, 3),
+                              "fraction_of_floor": round(floor / med, 3),
+                              "tok_s": round(1 / med, 1)}), flush=True)
+            release(eng)
+
+    if args.mode in ("offline", "both") and not args.skip_hf:
+        hf_s = hf_offline(model, cfg_dict, dtype, prompts, args.output_len, args.hf_batch)
+        print(json.dumps({**base, "bench": "offline", "backend": "hf_generate", "num": args.num,
+                          "hf_batch": args.hf_batch,
+                          "hf_tok_s": round(args.num * args.output_len / hf_s, 1),
+                          "wall_s": round(hf_s, 3)}), flush=True)
+
+
+def profile_decode(eng, prompts, args, path: Path) -> None:
+    """Profile a few decode-only steps at full batch: GPU kernel time vs host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdserve.workers.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"p{i}", prompt_token_ids=p, params=sp)
+    while eng.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1
+                                       for s in eng.scheduler.running):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 5
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"wall per decode step under the profiler: {wall * 1e3:.2f} ms\n\n{table}\n")
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    while eng.has_unfinished():
+        eng.step()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""CUDA graphs of the decode step, one per batch-size bucket: one replay instead of ~10
+kernel launches per layer from Python.
+
+Each graph reads its inputs from one static device buffer; a step writes its rows there
+(padded up to the bucket) with a single host->device copy, replays, and reads the hidden
+states back. The layout for bucket ``b`` (``M`` = block-table width for max_model_len)::
+
+    buf : int64 [ ids b | positions b | slots b | seq_lens b | block_tables b*M ]
+
+Padding rows write no KV (slot -1 is skipped by the write kernel) and attend to one
+token of block 0 (finite, unused). Only the Triton backend is captured: its launches
+depend on no host value that changes per step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from pdserve.workers.attention import AttentionMetadata
+from pdserve.workers.kernels.attention import TritonAttention
+from pdserve.workers.kernels.paged_attention import num_splits_for
+from pdserve.workers.models.decoder import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def buckets(max_batch: int) -> list[int]:
+    return [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], backend: TritonAttention,
+                 block_size: int, max_model_len: int, max_batch: int, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.width = -(-max_model_len // block_size)
+        self.sizes = sorted(set(buckets(max_batch)))
+        self.max_batch = self.sizes[-1]
+        self.buf = torch.zeros(self.max_batch * (4 + self.width), dtype=torch.int64, device=device)
+        self.pinned = torch.empty(self.buf.numel(), dtype=torch.int64, pin_memory=True)
+        self.copied = torch.cuda.Event()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        c = model.config
+        sms = backend.num_sms
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
+                ids, pos, slots, lens, tables = self._views(b)
+                self.buf[:self._size(b)].copy_(torch.from_numpy(self._host(b, [], [], [], [], [])))
+                meta = AttentionMetadata(
+                    slot_mapping=slots, query_start_loc=list(range(b + 1)), seq_lens=[1] * b,
+                    num_prefills=0, block_tables=tables, block_size=block_size,
+                    seq_lens_tensor=lens, gather_index=[],
+                    decode_splits=num_splits_for(b, c.num_key_value_heads, max_model_len, sms))
+                model(ids, pos, kv_caches, meta, backend)  # compiles the kernels outside capture
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = model(ids, pos, kv_caches, meta, backend)
+                pool = g.pool() if pool is None else pool
+                self.graphs[b] = (g, out)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def _size(self, b: int) -> int:
+        return b * (4 + self.width)
+
+    def _views(self, b: int):
+        buf = self.buf
+        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:4 * b],
+                buf[4 * b:4 * b + b * self.width].view(b, self.width))
+
+    def _host(self, b: int, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
+              tables: list[list[int]]) -> np.ndarray:
+        n, pad = len(ids), b - len(ids)
+        host = np.zeros(self._size(b), dtype=np.int64)
+        host[:4 * b] = np.asarray(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad
+                                  + lens + [1] * pad, dtype=np.int64)
+        t = host[4 * b:].reshape(b, self.width)
+        for i in range(n):
+            t[i, :len(tables[i])] = tables[i]
+        return host
+
+    def fits(self, n: int) -> bool:
+        return n <= self.max_batch
+
+    def run(self, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode-only batch of n <= max_batch rows."""
+        n = len(ids)
+        b = next(s for s in self.sizes if s >= n)
+        host = self._host(b, ids, pos, slots, lens, tables)
+        self.copied.synchronize()  # the last step's copy may still read the pinned buffer
+        staged = self.pinned[:host.size]
+        staged.numpy()[:] = host
+        self.buf[:host.size].copy_(staged, non_blocking=True)
+        self.copied.record()
+        g, out = self.graphs[b]
+        g.replay()
+        return out[:n]

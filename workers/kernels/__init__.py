@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) for the paged KV cache; imported only on CUDA devices."""

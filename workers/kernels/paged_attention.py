@@ -1,0 +1,177 @@
+"""Triton kernels over the paged KV cache: the KV write and split-KV decode attention.
+
+Decode attention runs in two launches (flash-decoding). Stage 1 has one program per
+(sequence, KV head, split): it loads the sequence's block-table entries for its share of
+the KV length, and attends all query heads of that KV head's group at once, so each K/V
+row is read once per group (GQA), not once per query head::
+
+    grid (B, Hkv, S)      K/V tiles of BLOCK_N tokens, addressed through the block table
+      q [GROUP, D]   x    K^T [D, BLOCK_N]  -> online softmax -> partial O [GROUP, D], LSE
+    grid (B, H)           merge the S partials by their log-sum-exp
+
+A split's range depends only on the sequence's own length and the split count, both read
+on the device, so the launch needs no host value that changes per step (graph-capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _write_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_vt, stride_cs,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(Slots + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = (offs < ROW) & (slot >= 0)  # slot -1: a padding row (CUDA graphs) writes nothing
+    k = tl.load(K + t * stride_kt + offs, mask=mask)
+    v = tl.load(V + t * stride_vt + offs, mask=mask)
+    tl.store(KCache + slot * stride_cs + offs, k.to(KCache.dtype.element_ty), mask=mask)
+    tl.store(VCache + slot * stride_cs + offs, v.to(VCache.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] -> their slots of kv_cache [2, num_blocks, block_size, Hkv, D]."""
+    t = k.shape[0]
+    if t == 0:
+        return
+    _, nb, bs, hkv, d = kv_cache.shape
+    row = hkv * d
+    if k.stride(-1) != 1 or k.stride(-2) != d:
+        k = k.contiguous()
+    if v.stride(-1) != 1 or v.stride(-2) != d:
+        v = v.contiguous()
+    _write_kv_kernel[(t,)](k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
+                           row, ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
+
+
+@triton.jit
+def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
+                         stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
+                         stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                         sm_scale_log2,
+                         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = BlockTables + b * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < end
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+        slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(KCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(p_mask[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+             out, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(MidO, MidLse, Out, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                         stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)  # split 0 is never empty: finite
+    w = tl.exp2(lse - m)
+    w = w / tl.sum(w, 0)
+    o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
+    """Enough (sequence, head, split) programs for ~2 waves; a split covers >= 128 tokens.
+    A power of two, so few variants compile."""
+    want = max(1, min(-(-2 * num_sms // max(1, batch * num_kv_heads)), -(-max_len // 128), 32))
+    return triton.next_power_of_2(want)
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence over its paged KV.
+
+    q: [B, H, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, M] int;
+    seq_lens: [B] int (KV length, the new token included, already written). Returns [B, H, D].
+    """
+    bsz, h, d = q.shape
+    _, nb, block_size, hkv, _ = kv_cache.shape
+    group = h // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    mid_o = torch.empty((bsz, h, num_splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q.device)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_d = triton.next_power_of_2(max(d, 16))
+    block_n = 64 if block_d <= 64 else 32
+    if q.dtype == torch.float32:
+        block_n = 32
+    _decode_split_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale * LOG2E,
+        BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    _decode_merge_kernel[(bsz, h)](
+        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out
