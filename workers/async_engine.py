@@ -99,9 +99,9 @@ class AsyncEngine:
             try:
                 res = fn(engine)
             except BaseException as e:  # handed back to the caller
-                loop.call_soon_threadsafe(_resolve, fut, e)
+                _post(loop, _resolve, fut, e)
             else:
-                loop.call_soon_threadsafe(_set, fut, res)
+                _post(loop, _set, fut, res)
 
         self._submit(("run", run))
         return await fut
@@ -129,10 +129,12 @@ class AsyncEngine:
                         raise InvalidRequestError("request_id", f"{rid!r} is already running")
                     self._streams[rid] = stream
                     start(self.engine)
-                    stream.loop.call_soon_threadsafe(_resolve, done, None)
+                    if not _post(stream.loop, _resolve, done, None):
+                        self._drop(rid)
                 except (PdserveError, ValueError, TypeError, KeyError) as e:
-                    self._streams.pop(rid, None)
-                    stream.loop.call_soon_threadsafe(_resolve, done, e)
+                    if self._streams.get(rid) is stream:  # not a duplicate's running stream
+                        del self._streams[rid]
+                    _post(stream.loop, _resolve, done, e)
             elif kind == "abort":
                 if self.engine.abort_request(payload):
                     logger.debug("request %s aborted by caller", payload)
@@ -160,7 +162,7 @@ class AsyncEngine:
             except Exception as e:  # a bug: fail every stream loudly rather than hang
                 logger.exception("engine step failed")
                 for rid, stream in list(self._streams.items()):
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                    _post(stream.loop, stream.queue.put_nowait, e)
                     self.engine.abort_request(rid)
                 self._streams.clear()
                 continue
@@ -170,7 +172,24 @@ class AsyncEngine:
                     continue
                 if c.finished:
                     del self._streams[c.request_id]
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, c)
+                if not _post(stream.loop, stream.queue.put_nowait, c):
+                    self._drop(c.request_id)
+
+    def _drop(self, request_id: str) -> None:
+        """The caller's event loop is closed: nobody reads this stream any more."""
+        logger.debug("request %s: caller's event loop closed; aborting", request_id)
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
+    """Schedule ``fn(*args)`` on a caller's loop; False if that loop has closed. A departed
+    caller must not kill the engine thread that serves everyone else."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _set(fut: asyncio.Future, value: Any) -> None:

@@ -34,25 +34,37 @@ class LLM:
                                          and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = []
-        for p, sp in zip(prompts, plist, strict=True):
-            rid = f"offline-{next(self._ids)}"
-            if isinstance(p, str):
-                self.engine.add_request(rid, p, sp)
-            else:
-                self.engine.add_request(rid, prompt_token_ids=list(p), params=sp)
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                rid = f"offline-{next(self._ids)}"
+                if isinstance(p, str):
+                    self.engine.add_request(rid, p, sp)
+                else:
+                    self.engine.add_request(rid, prompt_token_ids=list(p), params=sp)
+                ids.append(rid)
+        except BaseException:
+            self._abort(ids)  # a bad prompt fails the whole call: queue none of it
+            raise
         return self._run(ids)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        ids = []
-        for conv in convs:
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, params=params, messages=conv)  # type: ignore[arg-type]
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for conv in convs:
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, params=params, messages=conv)  # type: ignore[arg-type]
+                ids.append(rid)
+        except BaseException:
+            self._abort(ids)
+            raise
         return self._run(ids)
+
+    def _abort(self, ids: list[str]) -> None:
+        for rid in ids:  # their final "abort" chunks are dropped by the next call's _run
+            self.engine.abort_request(rid)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         prompts = {rid: tuple(self.engine.requests[rid].prompt_token_ids) for rid in ids}

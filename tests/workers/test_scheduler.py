@@ -1,0 +1,144 @@
+"""Tests of pdserve.workers.scheduler, driven without a model: the test plays the runner."""
+
+from __future__ import annotations
+
+import random
+
+from pdserve.workers.block_manager import BlockManager
+from pdserve.workers.sampling_params import SamplingParams
+from pdserve.workers.scheduler import Scheduler, SchedulerConfig
+from pdserve.workers.sequence import Sequence, SequenceStatus
+
+BS = 4
+
+
+def make_seq(name: str, n: int, priority: int = 0, arrival: float = 0.0, max_tokens: int = 4,
+             first: int = 0) -> Sequence:
+    return Sequence(request_id=name, token_ids=list(range(first, first + n)), num_prompt_tokens=n,
+                    params=SamplingParams(max_tokens=max_tokens), arrival=arrival, priority=priority)
+
+
+def make(num_blocks: int = 64, **cfg) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, BS))
+
+
+def run_step(sched: Scheduler, out) -> list[Sequence]:
+    """Play the runner and the engine: advance counts, append a token to samplers, finish some."""
+    samplers = [s.seq for s in out.scheduled if s.samples]
+    sched.finish_step(out.scheduled)
+    done = []
+    for seq in samplers:
+        seq.token_ids.append(1000 + seq.num_output_tokens)
+        if seq.num_output_tokens >= seq.params.max_tokens:
+            seq.status = SequenceStatus.FINISHED
+            sched.remove(seq)
+            done.append(seq)
+    return done
+
+
+def test_waiting_queue_admits_by_priority_then_arrival():
+    sched = make(max_num_seqs=1)
+    order = [("low-early", 5, 1.0), ("high-late", -1, 9.0), ("mid-b", 0, 3.0),
+             ("mid-a", 0, 2.0), ("high-early", -1, 4.0), ("mid-a-tie", 0, 2.0)]
+    for name, prio, arr in order:
+        sched.add(make_seq(name, 3, prio, arr, max_tokens=1))
+    admitted = []
+    while sched.has_work():
+        out = sched.schedule()
+        admitted += [s.seq.request_id for s in out.scheduled if s.seq.num_computed_tokens == 0]
+        run_step(sched, out)
+        sched.bm.check_integrity()
+    # Equal (priority, arrival) keeps insertion order.
+    assert admitted == ["high-early", "high-late", "mid-a", "mid-a-tie", "mid-b", "low-early"]
+
+
+def test_one_step_admits_everything_that_fits_in_priority_order():
+    sched = make(max_num_batched_tokens=100)
+    for i, prio in enumerate([3, 1, 2, 0]):
+        sched.add(make_seq(f"p{prio}", 5, prio, arrival=float(i)))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["p0", "p1", "p2", "p3"]
+    assert out.num_tokens == 20 and all(s.samples for s in out.scheduled)
+
+
+def test_token_budget_and_chunk_cap_split_long_prompts():
+    sched = make(max_num_batched_tokens=10, long_prefill_token_threshold=6)
+    a, b = make_seq("a", 15, arrival=0), make_seq("b", 8, arrival=1, first=100)
+    sched.add(a)
+    sched.add(b)
+    plan = []
+    while a.num_output_tokens == 0 or b.num_output_tokens == 0:
+        out = sched.schedule()
+        assert out.num_tokens <= 10
+        plan.append([(s.seq.request_id, s.num_new_tokens) for s in out.scheduled])
+        run_step(sched, out)
+    assert plan[:3] == [[("a", 6), ("b", 4)], [("a", 6), ("b", 4)], [("a", 3), ("b", 1)]]
+
+
+def test_preemption_recomputes_the_newest_lowest_priority_sequence():
+    # 6 blocks of 4 tokens; two 8-token prompts fill 4, decoding soon needs more.
+    sched = make(num_blocks=6, max_num_batched_tokens=64)
+    old, new = make_seq("old", 8, arrival=0, max_tokens=12), make_seq("new", 8, arrival=1,
+                                                                      max_tokens=12, first=50)
+    sched.add(old)
+    sched.add(new)
+    preempted = []
+    while sched.has_work():
+        out = sched.schedule()
+        preempted += [s.request_id for s in out.preempted]
+        for p in out.preempted:
+            assert p.block_table == [] and p.num_computed_tokens == 0
+            assert p.status is SequenceStatus.WAITING
+        run_step(sched, out)
+        sched.bm.check_integrity()
+    assert preempted and set(preempted) == {"new"}
+    assert sched.num_preemptions == len(preempted) and new.num_preemptions == len(preempted)
+    assert old.num_output_tokens == new.num_output_tokens == 12
+    assert sched.bm.num_free_blocks == 6
+
+
+def test_remove_frees_blocks_from_any_queue():
+    sched = make(num_blocks=16, long_prefill_token_threshold=4)
+    bm = sched.bm
+    waiting, chunking, decoding = (make_seq("w", 9), make_seq("c", 12, first=20),
+                                   make_seq("d", 3, first=40))
+    sched.add(decoding)
+    run_step(sched, sched.schedule())
+    sched.add(chunking)
+    run_step(sched, sched.schedule())
+    assert decoding.num_output_tokens == 2 and 0 < chunking.num_computed_tokens < 12
+    sched.add(waiting)
+    for seq in (waiting, chunking, decoding):
+        sched.remove(seq)
+        bm.check_integrity()
+    assert not sched.has_work() and bm.num_free_blocks == 16 and bm.owners() == []
+
+
+def test_randomized_load_respects_budget_slots_and_frees_everything():
+    rng = random.Random(7)
+    cfg = dict(max_num_seqs=5, max_num_batched_tokens=24, long_prefill_token_threshold=10)
+    sched = make(num_blocks=20, **cfg)
+    live: list[Sequence] = []
+    finished = 0
+    for step in range(600):
+        if step < 450 and rng.random() < 0.3:
+            s = make_seq(f"r{step}", rng.randint(1, 40), rng.randint(0, 2), float(step),
+                         max_tokens=rng.randint(1, 20), first=rng.choice([0, 0, 500 + step]))
+            sched.add(s)
+            live.append(s)
+        if live and rng.random() < 0.05:
+            victim = live.pop(rng.randrange(len(live)))
+            sched.remove(victim)
+        out = sched.schedule()
+        assert out.num_tokens <= cfg["max_num_batched_tokens"]
+        assert sched.num_running <= cfg["max_num_seqs"]
+        for s in out.scheduled:
+            assert 1 <= s.num_new_tokens <= cfg["long_prefill_token_threshold"]
+            assert s.seq.status is SequenceStatus.RUNNING
+        assert len({id(s.seq) for s in out.scheduled}) == len(out.scheduled)
+        for seq in run_step(sched, out):
+            live.remove(seq)
+            finished += 1
+        sched.bm.check_integrity()
+    assert not sched.has_work() and not live and finished > 50
+    assert sched.bm.num_free_blocks == 20 and sched.num_preemptions > 0
