@@ -8,7 +8,9 @@ from typing import Any
 
 import yaml
 
+from pdserve.workers.config import QUANTIZATIONS
 from pdserve.workers.errors import InvalidRequestError
+from pdserve.workers.eviction import check_cache_options
 
 TRANSPORTS = ("object_store", "grpc")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -56,13 +58,27 @@ class ClusterConfig:
 
     model: str | None = None  # local HF folder; None: the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"
+    quantization: str | None = None  # every worker's weights: "int8" | "int4"; None: dtype
     device: str = "cpu"
     max_model_len: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # Every worker's prefix cache: eviction policy ("lru", "lfu", "ttl", "cost"), the idle
+    # time of the "ttl" policy, a cap of cached blocks per tenant (cache salt), and how long
+    # an idle chat session keeps its blocks pinned (None: until the room is needed).
+    eviction_policy: str = "lru"
+    cache_ttl_seconds: float | None = None
+    tenant_quota_blocks: int | None = None
+    session_ttl_seconds: float | None = 300.0
     prefill: RoleConfig = field(default_factory=lambda: RoleConfig(resources={}))
     decode: RoleConfig = field(default_factory=lambda: RoleConfig(resources={}))
     lease_seconds: float = 30.0
+    # A prompt whose uncached tail is at most this many tokens on a decode worker may be
+    # prefilled there ("direct"), skipping the handoff; 0: only fully cached prompts.
+    direct_max_tokens: int = 32
+    # The handoff link's bandwidth as the placement cost model sees it; None: estimated from
+    # measured handoffs. Fix it where the interconnect is known (and placement must not drift).
+    link_bytes_per_s: float | None = None
     transport: str = "object_store"
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
@@ -84,10 +100,19 @@ class ClusterConfig:
             raise _bad("block_size", f"must be a positive power of two, got {self.block_size}")
         if self.dtype not in DTYPES:
             raise _bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise _bad("quantization", f"must be one of {QUANTIZATIONS} or None, "
+                                       f"got {self.quantization!r}")
         if self.transport not in TRANSPORTS:
             raise _bad("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.lease_seconds <= 0:
             raise _bad("lease_seconds", f"must be > 0, got {self.lease_seconds}")
+        if self.direct_max_tokens < 0:
+            raise _bad("direct_max_tokens", f"must be >= 0, got {self.direct_max_tokens}")
+        if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
+            raise _bad("link_bytes_per_s", f"must be > 0, got {self.link_bytes_per_s}")
+        check_cache_options(self.eviction_policy, self.cache_ttl_seconds, self.tenant_quota_blocks,
+                            self.session_ttl_seconds, prefix="config.")
         for role in ("prefill", "decode"):
             rc: RoleConfig = getattr(self, role)
             if rc.replicas < 0:

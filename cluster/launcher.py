@@ -24,12 +24,17 @@ logger = logging.getLogger(__name__)
 
 def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> EngineConfig:
     threads = max(1, int(role.num_cpus)) if cfg.device == "cpu" else None
-    return EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
+    return EngineConfig(model=cfg.model, dtype=cfg.dtype, quantization=cfg.quantization,
+                        device=cfg.device,
                         block_size=cfg.block_size, num_blocks=role.num_blocks,
                         max_num_seqs=role.max_num_seqs,
                         max_num_batched_tokens=role.max_num_batched_tokens,
                         max_model_len=cfg.max_model_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
+                        eviction_policy=cfg.eviction_policy,
+                        cache_ttl_seconds=cfg.cache_ttl_seconds,
+                        tenant_quota_blocks=cfg.tenant_quota_blocks,
+                        session_ttl_seconds=cfg.session_ttl_seconds,
                         worker_id=worker_id, cpu_threads=threads,
                         speculative_method=cfg.speculative_method if role is cfg.decode else None,
                         num_speculative_tokens=cfg.num_speculative_tokens,

@@ -43,6 +43,7 @@ class RouterRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0
     cache_salt: str | None = None
+    session_id: str | None = None  # turns of one chat: its blocks stay on the worker between turns
 
 
 @dataclass(slots=True)
@@ -76,11 +77,14 @@ class Router:
         self._max_model_len = max_model_len
         self.prompts: PromptProcessor | None = None
         self.active: dict[str, _Active] = {}
-        self.link_bytes_per_s = 1e9  # prior; replaced by measured handoffs
+        # Configured, or a prior that measured handoffs replace.
+        self.link_bytes_per_s = config.link_bytes_per_s or 1e9
         self.counters: dict[str, float] = {"requests": 0, "pd": 0, "direct": 0, "retries": 0,
                                            "prefix_imports": 0, "handoff_bytes": 0,
+                                           "handoffs": 0, "handoff_seconds": 0.0,
                                            "recomputed": 0}
         self._poller: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()  # lease clean-ups outliving a request
         self.timings: deque[dict] = deque(maxlen=4096)  # per P/D request, for benchmarks
 
     async def start(self) -> None:
@@ -153,10 +157,18 @@ class Router:
         self.counters["requests"] += 1
         act = _Active()
         self.active[req.request_id] = act
-        greq = GenerateRequest(req.request_id, tuple(ids), req.params, req.priority, req.cache_salt)
+        greq = GenerateRequest(req.request_id, tuple(ids), req.params, req.priority, req.cache_salt,
+                               req.session_id)
         finished = False
         try:
             async for chunk in self._run(greq, act):
+                if act.cancelled and not chunk.finished:
+                    # The abort reached the worker before the request did (actor calls may
+                    # run out of order): abort again now that it is there, and end here.
+                    await self._cancel(act, req.request_id)
+                    finished = True
+                    yield TokenChunk(req.request_id, (), "", finished=True, finish_reason="abort")
+                    return
                 yield chunk
                 if chunk.finished:
                     finished = True
@@ -191,6 +203,8 @@ class Router:
         hits: dict[str, int] = {}
         if hashes:
             hits = await self.index.lookup.remote(hashes)
+        # The index may still list a worker that just died: never import from it.
+        hits = {wid: n for wid, n in hits.items() if wid in self.workers and self.workers[wid].alive}
         prefill = [w.load for w in self._alive("prefill")]
         decode = [w.load for w in self._alive("decode")]
         if not decode:  # degrade: a prefill worker can run whole requests too
@@ -198,7 +212,7 @@ class Router:
         if not decode:
             raise UnavailableError("no worker is available")
         params = CostParams(self.config.block_size, self.config.decode.max_num_seqs,
-                            self.link_bytes_per_s)
+                            self.link_bytes_per_s, self.config.direct_max_tokens)
         return place(len(req.prompt_token_ids), hits, prefill, decode, params,
                      min(req.params.max_tokens, 64)), hashes
 
@@ -220,6 +234,8 @@ class Router:
                 for w in self.workers.values():
                     if w.alive and w.actor is not None and act.holder is w:
                         await self._mark_dead(w)
+                if act.lease is not None and act.lease[0].alive:  # the decode side died
+                    await self._release(act.lease[0], act.lease[1], req.request_id)
                 await self.refresh_loads()
                 act.holder = None
                 act.lease = None
@@ -250,7 +266,14 @@ class Router:
             self.counters["prefix_imports"] += 1
         act.holder = p
         t_start = time.monotonic()
-        res = await p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
+        ref = p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
+        try:
+            res = await ref
+        except asyncio.CancelledError:
+            # The abort sent on cancel can overtake the prefill on its worker; whatever
+            # lease the prefill ends with is released when it arrives.
+            self._spawn(self._release_result(p, ref, req.request_id))
+            raise
         t_prefilled = time.monotonic()
         if res.chunk.token_ids or res.chunk.finished:  # KV-only prefills sample nothing
             yield res.chunk
@@ -285,6 +308,25 @@ class Router:
                 continue
         raise UnavailableError("every decode worker refused the request (out of KV blocks)")
 
+    async def _release(self, w: _WorkerRef, lease_id: str, request_id: str) -> None:
+        try:
+            await w.actor.release.remote(lease_id)
+        except Exception:  # gone, or already released: its lease expires on its own
+            logger.debug("request %s: release of %s failed", request_id, lease_id, exc_info=True)
+
+    async def _release_result(self, p: _WorkerRef, ref: Any, request_id: str) -> None:
+        try:
+            res = await ref
+        except Exception:
+            return
+        if res.handle is not None:
+            await self._release(p, res.handle.lease_id, request_id)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _decode_order(self, first: _WorkerRef) -> list[_WorkerRef]:
         rest = [w for w in self._alive("decode") if w is not first]
         rest.sort(key=lambda w: -(w.load.free_blocks if w.load else 0))
@@ -293,7 +335,9 @@ class Router:
     def _observe_handoff(self, handle: Any, seconds: float) -> None:
         nbytes = handle.num_blocks * handle.bytes_per_block
         self.counters["handoff_bytes"] += nbytes
-        if seconds > 0 and nbytes > 0:
+        self.counters["handoffs"] += 1
+        self.counters["handoff_seconds"] += seconds
+        if seconds > 0 and nbytes > 0 and self.config.link_bytes_per_s is None:
             self.link_bytes_per_s = 0.8 * self.link_bytes_per_s + 0.2 * (nbytes / seconds)
 
     @staticmethod
@@ -310,7 +354,8 @@ class Router:
         cached = next((c.usage.cached_tokens for c in streamed if c.usage), 0)
         return SeqState(req.request_id, tuple(ids), len(req.prompt_token_ids), req.params,
                         req.priority, req.cache_salt, full, len(text),
-                        max(len(req.prompt_token_ids), len(ids) - 5), len(ids), cached)
+                        max(len(req.prompt_token_ids), len(ids) - 5), len(ids), cached,
+                        session_id=req.session_id)
 
     # -- introspection ------------------------------------------------------------------
     async def worker_stats(self) -> dict[str, dict]:
@@ -318,13 +363,24 @@ class Router:
         for w in self.workers.values():
             if w.alive:
                 try:
-                    out[w.worker_id] = {"role": w.role, **(await w.actor.stats.remote())}
+                    load = w.load  # the last polled queue lengths (for metrics)
+                    out[w.worker_id] = {"role": w.role,
+                                        "num_running": load.num_running if load else 0,
+                                        "num_waiting": load.num_waiting if load else 0,
+                                        **(await w.actor.stats.remote())}
                 except DEAD:
                     await self._mark_dead(w)
         return out
 
     async def request_timings(self) -> list[dict]:
         return list(self.timings)
+
+    async def inflight(self) -> dict[str, dict]:
+        """Where each running request is: the worker holding it and the lease it waits on."""
+        return {rid: {"holder": a.holder.worker_id if a.holder else None,
+                      "role": a.holder.role if a.holder else None,
+                      "lease": a.lease[1] if a.lease else None, "cancelled": a.cancelled}
+                for rid, a in self.active.items()}
 
     async def stats(self) -> dict:
         return {"counters": dict(self.counters), "link_bytes_per_s": self.link_bytes_per_s,

@@ -83,7 +83,8 @@ def random_model(cfg_dict: dict, dtype: torch.dtype, device: str):
     return model.eval()
 
 
-def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num_seqs: int):
+def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num_seqs: int,
+                prefix_caching: bool = False):
     """variant: an attention backend name, with "-eager" for no CUDA graphs."""
     from pdserve.workers import engine as engine_mod
     from pdserve.workers.config import EngineConfig
@@ -93,7 +94,7 @@ def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num
                           max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len),
                           kv_cache_memory_mb=args.kv_cache_mb, max_model_len=4096,
-                          enable_prefix_caching=False,
+                          enable_prefix_caching=prefix_caching,
                           attention_backend=variant.removesuffix("-eager"),
                           cuda_graphs=not variant.endswith("-eager"))
     with mock.patch.object(engine_mod, "load_model", return_value=model):
@@ -165,21 +166,25 @@ def run_offline(eng, prompts: list[list[int]], output_len: int) -> dict:
     t0 = time.perf_counter()
     prefill_s = decode_s = 0.0
     decode_steps = 0
+    decode_rows = 0
     while eng.has_unfinished():
         decode_only = not eng.scheduler.waiting and all(
             s.num_tokens - s.num_computed_tokens == 1 for s in eng.scheduler.running)
+        nrun = len(eng.scheduler.running)
         t = time.perf_counter()
         eng.step()  # ends in the sampler's host copy: the step's GPU work is done
         dt = time.perf_counter() - t
         if decode_only:
             decode_s += dt
             decode_steps += 1
+            decode_rows += nrun
         else:
             prefill_s += dt
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "prefill_steps_s": prefill_s, "decode_steps_s": decode_s,
             "decode_steps": decode_steps,
-            "decode_step_ms": 1e3 * decode_s / max(1, decode_steps)}
+            "decode_step_ms": 1e3 * decode_s / max(1, decode_steps),
+            "decode_batch_mean": decode_rows / max(1, decode_steps)}
 
 
 def hf_offline(model, cfg_dict: dict, dtype, prompts, output_len: int, batch: int) -> float:
@@ -212,7 +217,12 @@ def hf_offline(model, cfg_dict: dict, dtype, prompts, output_len: int, batch: in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    ap.add_argument("--mode", choices=["offline", "latency", "both", "kernel"], default="offline")
+    ap.add_argument("--mode", choices=["offline", "latency", "both", "kernel", "shared-prefix"],
+                    default="offline")
+    ap.add_argument("--groups", type=int, default=8, help="shared-prefix: system prompts")
+    ap.add_argument("--per-group", type=int, default=16, help="shared-prefix: questions each")
+    ap.add_argument("--system-len", type=int, default=2048)
+    ap.add_argument("--question-len", type=int, default=128)
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
@@ -244,6 +254,9 @@ def main() -> None:
             "input_len": args.input_len, "output_len": args.output_len,
             "weights_gb": round(wbytes / 1e9, 3)}
     tmp = Path(tempfile.mkdtemp())
+    if args.mode == "shared-prefix":
+        shared_prefix(model, cfg_dict, tmp, args, base, rng)
+        return
 
     for backend in args.backends.split(","):
         if args.mode in ("offline", "both"):
@@ -260,6 +273,7 @@ def main() -> None:
                    "wall_s": round(r["wall_s"], 3), "prefill_steps_s": round(r["prefill_steps_s"], 3),
                    "decode_steps_s": round(r["decode_steps_s"], 3), "decode_steps": r["decode_steps"],
                    "decode_step_ms": round(r["decode_step_ms"], 3),
+                   "decode_batch_mean": round(r["decode_batch_mean"], 1),
                    "decode_step_floor_ms": round(floor_ms, 3),
                    "prefill_tok_s": round(args.num * args.input_len / max(r["prefill_steps_s"], 1e-9))}
             if args.profile and backend == args.backends.split(",")[0]:
@@ -301,6 +315,41 @@ def main() -> None:
                           "hf_batch": args.hf_batch,
                           "hf_tok_s": round(args.num * args.output_len / hf_s, 1),
                           "wall_s": round(hf_s, 3)}), flush=True)
+
+
+def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: random.Random) -> None:
+    """SGLang's generated-shared-prefix workload with prefix caching on and off, and the
+    caching's overhead when nothing hits (same lengths, all-unique prompts)."""
+    vocab = model.config.vocab_size
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(1000, vocab - 1000) for _ in range(n)]
+
+    def workload() -> list[list[int]]:
+        systems = [toks(args.system_len) for _ in range(args.groups)]
+        return [s + toks(args.question_len) for s in systems for _ in range(args.per_group)]
+
+    n = args.groups * args.per_group
+    shared, warm = workload(), workload()
+    unique = [toks(args.system_len + args.question_len) for _ in range(n)]
+    res = {}
+    for name, prompts in (("shared", shared), ("unique", unique)):
+        for caching in (True, False):
+            eng = make_engine(model, cfg_dict, tmp, args, "auto", n, prefix_caching=caching)
+            run_offline(eng, warm, args.output_len)  # warm-up on other prompts
+            r = run_offline(eng, prompts, args.output_len)
+            res[(name, caching)] = n * args.output_len / r["wall_s"]
+            release(eng)
+    print(json.dumps({**base, "bench": "shared_prefix", "groups": args.groups,
+                      "per_group": args.per_group, "system_len": args.system_len,
+                      "question_len": args.question_len, "output_len": args.output_len,
+                      "shared_caching_on_tok_s": round(res[("shared", True)], 1),
+                      "shared_caching_off_tok_s": round(res[("shared", False)], 1),
+                      "speedup": round(res[("shared", True)] / res[("shared", False)], 2),
+                      "zero_hit_on_tok_s": round(res[("unique", True)], 1),
+                      "zero_hit_off_tok_s": round(res[("unique", False)], 1),
+                      "zero_hit_overhead": round(1 - res[("unique", True)] / res[("unique", False)], 4)}),
+          flush=True)
 
 
 def profile_decode(eng, prompts, args, path: Path) -> None:

@@ -3,19 +3,30 @@
 A full block's hash chains its parent's hash with its token ids (and, at the
 root, an optional cache salt that isolates tenants), so one hash names a whole
 prefix. Hits are verified against the stored token ids.
+
+Sessions: when a finished sequence of a session is freed, its cached full blocks
+stay pinned (owner ``session:<id>``, replacing the session's previous pin) so the
+next turn's prompt hits them. Session pins are dropped, least recently used first,
+when their session idles past ``session_ttl_seconds`` or when an allocation would
+otherwise fail: a session never costs running work a preemption.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.eviction import check_cache_options
 from pdserve.workers.kv_events import BlockHash, KVEventBatch
-from pdserve.workers.sequence import Sequence
+from pdserve.workers.sequence import Sequence, SequenceStatus
+
+SESSION_OWNER = "session:"
 
 
 def hash_block(parent: BlockHash | None, token_ids: Iterable[int], salt: str | None = None) -> BlockHash:
@@ -40,14 +51,28 @@ def hash_prompt_blocks(token_ids: list[int], block_size: int, salt: str | None =
 
 
 class BlockManager:
-    """Allocates, shares and frees the blocks of sequences; answers prefix hits."""
+    """Allocates, shares and frees the blocks of sequences; answers prefix hits.
+
+    ``eviction_policy``, ``cache_ttl_seconds`` and ``tenant_quota_blocks`` go to the pool
+    (see `BlockPool`); ``session_ttl_seconds`` (None: no limit) bounds an idle session pin.
+    """
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True,
-                 worker_id: str = "local") -> None:
+                 worker_id: str = "local", *, eviction_policy: str = "lru",
+                 cache_ttl_seconds: float | None = None, tenant_quota_blocks: int | None = None,
+                 session_ttl_seconds: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        check_cache_options(session_ttl_seconds=session_ttl_seconds)
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, block_size, worker_id, enable_caching)
-        self._tables: dict[str, list[int]] = {}  # owner id -> block ids (seqs and leases)
+        self.pool = BlockPool(num_blocks, block_size, worker_id, enable_caching,
+                              eviction_policy=eviction_policy,
+                              cache_ttl_seconds=cache_ttl_seconds,
+                              tenant_quota_blocks=tenant_quota_blocks, clock=clock)
+        self.session_ttl_seconds = session_ttl_seconds
+        self._tables: dict[str, list[int]] = {}  # owner id -> block ids (seqs, leases, sessions)
+        self._sessions: OrderedDict[str, float] = OrderedDict()  # id -> last turn's end, oldest first
+        self.num_sessions_dropped = 0  # pins given up for room (not by TTL)
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of which found
 
@@ -87,10 +112,18 @@ class BlockManager:
 
     # -- allocation -------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> bool:
+        """True if `allocate` will succeed; drops session pins (oldest first) to make room."""
         hits = hits or []
-        reclaimed = sum(1 for b in hits if b.ref_count == 0)
-        need = self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
-        return need + reclaimed + self._needs_copy(seq, num_new_tokens) <= self.pool.num_free
+        need = (self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
+                + self._needs_copy(seq, num_new_tokens))
+        while True:
+            reclaimed = sum(1 for b in hits if b.ref_count == 0)
+            if need + reclaimed <= self.pool.num_free:
+                return True
+            if not self._sessions:
+                return False
+            self.drop_session(next(iter(self._sessions)))
+            self.num_sessions_dropped += 1
 
     def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
         """True when the next write lands in a partial block a fork still shares (copy-on-write)."""
@@ -115,8 +148,7 @@ class BlockManager:
                                    self.pool.num_free)
         if hits:
             assert not seq.block_table and seq.num_computed_tokens == 0
-            for b in hits:
-                self.pool.touch(b)
+            self.pool.hit(hits)
             seq.block_table.extend(b.block_id for b in hits)
             seq.block_hashes = [b.block_hash for b in hits]  # type: ignore[misc]
             seq.num_computed_tokens = len(hits) * self.block_size
@@ -157,7 +189,8 @@ class BlockManager:
             new_hashes.append(p)
             chunks.append(toks)
         blocks = [self.pool.blocks[i] for i in seq.block_table[start:n_full]]
-        self.pool.cache_full_blocks(blocks, new_hashes, chunks, parent)
+        self.pool.cache_full_blocks(blocks, new_hashes, chunks, parent, tenant=seq.cache_salt,
+                                    depth=start)
         seq.block_hashes.extend(new_hashes)
 
     def truncate(self, seq: Sequence) -> None:
@@ -179,7 +212,12 @@ class BlockManager:
         self._tables[child.seq_id] = child.block_table
 
     def free(self, seq: Sequence) -> None:
-        """Release every block of ``seq`` (tail first) and forget its table."""
+        """Release every block of ``seq`` (tail first) and forget its table.
+
+        A finished sequence of a session first hands its cached blocks to the session.
+        """
+        if seq.session_id is not None and seq.status is SequenceStatus.FINISHED:
+            self.keep_session(seq.session_id, seq.block_hashes)
         self.free_table(seq.seq_id, seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
@@ -199,8 +237,55 @@ class BlockManager:
         ids = self._tables.get(owner)
         if ids is None:
             return False
+        if owner.startswith(SESSION_OWNER):
+            self._sessions.pop(owner[len(SESSION_OWNER):], None)
         self.free_table(owner, ids)
         return True
+
+    # -- sessions -----------------------------------------------------------------
+    def keep_session(self, session_id: str, block_hashes: list[BlockHash]) -> int:
+        """Pin the cached blocks of ``block_hashes`` (a chain) for the session's next turn,
+        replacing its previous pin; returns how many blocks are pinned.
+
+        The pin goes on the block each hash resolves to (what the next turn's lookup
+        finds), up to the first hash no longer cached.
+        """
+        ids = []
+        for h in block_hashes:
+            b = self.pool.cached.get(h)
+            if b is None:
+                break
+            ids.append(b.block_id)
+        owner = SESSION_OWNER + session_id
+        old = self._tables.pop(owner, None)
+        self._sessions.pop(session_id, None)
+        if ids:  # pin the new blocks before unpinning the old: shared ones stay referenced
+            self.pin(owner, ids)
+            self._sessions[session_id] = self.pool.clock()
+        if old is not None:
+            self.pool.free([self.pool.blocks[i] for i in reversed(old)])
+        return len(ids)
+
+    def drop_session(self, session_id: str) -> bool:
+        """Unpin a session's blocks (they stay cached until evicted); False if none."""
+        self._sessions.pop(session_id, None)
+        return self.unpin(SESSION_OWNER + session_id)
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def expire(self, now: float | None = None) -> None:
+        """Between steps: drop idle sessions past their TTL, and blocks the policy expires."""
+        now = self.pool.clock() if now is None else now
+        ttl = self.session_ttl_seconds
+        if ttl is not None:
+            while self._sessions:
+                session_id, last = next(iter(self._sessions.items()))
+                if last + ttl > now:
+                    break
+                self.drop_session(session_id)
+        self.pool.expire(now)
 
     def owners(self) -> list[str]:
         return list(self._tables)
@@ -223,3 +308,5 @@ class BlockManager:
         for b in self.pool.blocks:
             assert b.ref_count == refs[b.block_id], (
                 f"block {b.block_id}: ref_count {b.ref_count} but {refs[b.block_id]} holders")
+        pinned = {o[len(SESSION_OWNER):] for o in self._tables if o.startswith(SESSION_OWNER)}
+        assert pinned == set(self._sessions), "session pins and the session list disagree"

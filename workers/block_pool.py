@@ -9,13 +9,24 @@
 
 Invariant: a block is in the free queue iff its ref_count is 0. Block ids never
 change once allocated, so block tables are append-only.
+
+Which free block goes next is the eviction policy's choice (``workers/eviction.py``):
+the default ``lru`` takes the queue's head; the others rank free blocks in heaps.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.eviction import (
+    EvictionPolicy,
+    TenantQuota,
+    check_cache_options,
+    make_policy,
+)
 from pdserve.workers.kv_events import (
     AllBlocksCleared,
     BlockHash,
@@ -34,6 +45,11 @@ class Block:
     token_ids: tuple[int, ...] | None = None  # kept to verify a hit against collisions
     prev: Block | None = None
     next: Block | None = None
+    # What eviction policies rank by; reset when the block loses its hash.
+    hits: int = 0  # prefix hits since it was cached
+    last_access: float = 0.0  # clock time of its last hit or release
+    depth: int = 0  # index of the block in its chain (0: the first block of a prompt)
+    tenant: str | None = None  # the cache salt of its chain (None: the default tenant)
 
 
 class FreeBlockQueue:
@@ -66,10 +82,14 @@ class FreeBlockQueue:
         block.prev = block.next = None
         self.size -= 1
 
-    def popleft(self) -> Block:
+    def first(self) -> Block:
         first = self._head.next
         if first is None or first is self._tail:
             raise OutOfBlocksError(1, 0)
+        return first
+
+    def popleft(self) -> Block:
+        first = self.first()
         self.remove(first)
         return first
 
@@ -81,22 +101,40 @@ class FreeBlockQueue:
 
 
 class BlockPool:
-    """Owns every block; hands them out, takes them back and remembers cached ones."""
+    """Owns every block; hands them out, takes them back and remembers cached ones.
+
+    ``eviction_policy`` picks which cached free block is evicted (``lru``, ``lfu``, ``ttl``
+    with ``cache_ttl_seconds``, ``cost``); ``tenant_quota_blocks`` caps each tenant's cached
+    blocks before its own go first; ``clock`` times idleness (injected for tests).
+    """
 
     def __init__(self, num_blocks: int, block_size: int, worker_id: str = "local",
-                 enable_caching: bool = True) -> None:
+                 enable_caching: bool = True, *, eviction_policy: str = "lru",
+                 cache_ttl_seconds: float | None = None, tenant_quota_blocks: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        check_cache_options(eviction_policy, cache_ttl_seconds, tenant_quota_blocks)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.worker_id = worker_id
         self.enable_caching = enable_caching
+        self.clock = clock
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, Block] = {}
+        self.eviction_policy = eviction_policy
+        self.cache_ttl_seconds = cache_ttl_seconds
+        self.policy = make_policy(eviction_policy, self, cache_ttl_seconds,
+                                  ranked=tenant_quota_blocks is not None)
+        self.quota = (TenantQuota(tenant_quota_blocks, self.policy, num_blocks)
+                      if tenant_quota_blocks is not None else None)
+        # LRU without quotas is the free queue alone: its hooks need not be called.
+        self._ranked = type(self.policy) is not EvictionPolicy
         self._events: list[KVEvent] = []
         self._event_seq = 0
         self.num_evictions = 0
+        self.num_expired = 0
 
     # -- allocation -------------------------------------------------------
     @property
@@ -104,13 +142,24 @@ class BlockPool:
         return self.free_queue.size
 
     def allocate(self, n: int) -> list[Block]:
-        """Take ``n`` blocks from the head of the free queue, evicting cached ones."""
+        """Take ``n`` free blocks in the policy's order, evicting cached ones.
+
+        Under a quota, a cached block about to be evicted is replaced by a free cached
+        block of a tenant over its quota, if there is one.
+        """
         if n > self.free_queue.size:
             raise OutOfBlocksError(n, self.free_queue.size)
         out = []
         evicted: list[BlockHash] = []
+        policy, quota = self.policy, self.quota
         for _ in range(n):
-            b = self.free_queue.popleft()
+            if self._ranked:
+                b = policy.victim()
+                if quota is not None and b.block_hash is not None:
+                    b = quota.victim() or b
+                self._take(b)
+            else:
+                b = self.free_queue.popleft()
             if b.block_hash is not None:
                 evicted.append(b.block_hash)
                 self._uncache(b)
@@ -122,10 +171,18 @@ class BlockPool:
         return out
 
     def touch(self, block: Block) -> None:
-        """Take one more reference (a prefix hit or a shared fork)."""
+        """Take one more reference (a shared fork, a pin)."""
         if block.ref_count == 0:
-            self.free_queue.remove(block)
+            self._take(block)
         block.ref_count += 1
+
+    def hit(self, blocks: list[Block]) -> None:
+        """Take one more reference on each block for a prefix hit (what policies count)."""
+        now = self.clock()
+        for b in blocks:
+            self.touch(b)
+            b.hits += 1
+            b.last_access = now
 
     def free(self, blocks: list[Block]) -> None:
         """Drop one reference of each block, in the order given.
@@ -133,6 +190,7 @@ class BlockPool:
         Callers pass a sequence's blocks tail first so that, among equally old
         blocks, a chain's last blocks are evicted before its shared head.
         """
+        now = None
         for b in blocks:
             if b.ref_count <= 0:
                 raise AssertionError(f"double free of block {b.block_id}")
@@ -140,7 +198,12 @@ class BlockPool:
             if b.ref_count == 0:
                 if b.block_hash is None or not self.enable_caching:
                     self._reset(b)
+                if now is None:
+                    now = self.clock()
+                b.last_access = now
                 self.free_queue.append(b)
+                if self._ranked:
+                    self._file(b)
 
     # -- prefix cache -----------------------------------------------------
     def lookup(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> Block | None:
@@ -150,14 +213,22 @@ class BlockPool:
         return b
 
     def cache_full_blocks(self, blocks: list[Block], hashes: list[BlockHash],
-                          token_chunks: list[tuple[int, ...]], parent: BlockHash | None) -> None:
-        """Register newly filled blocks under their chained hashes and emit one event."""
+                          token_chunks: list[tuple[int, ...]], parent: BlockHash | None, *,
+                          tenant: str | None = None, depth: int | None = None) -> None:
+        """Register newly filled blocks under their chained hashes and emit one event.
+
+        ``tenant`` owns them (for quotas); ``depth`` is the first block's index in its chain
+        (None: one more than the cached parent's, 0 without one).
+        """
         if not self.enable_caching or not blocks:
             return
+        if depth is None:
+            held = self.cached.get(parent) if parent is not None else None
+            depth = held.depth + 1 if held is not None else 0
         stored_hashes: list[BlockHash] = []
         stored_tokens: list[int] = []
         first_parent = parent
-        for b, h, toks in zip(blocks, hashes, token_chunks, strict=True):
+        for i, (b, h, toks) in enumerate(zip(blocks, hashes, token_chunks, strict=True)):
             if b.block_hash is not None:
                 parent = b.block_hash
                 continue  # already cached (a hit being re-registered)
@@ -169,13 +240,39 @@ class BlockPool:
                 first_parent = parent
             b.block_hash = h
             b.token_ids = toks
+            b.tenant = tenant
+            b.depth = depth + i
             self.cached[h] = b
+            if self._ranked:
+                self._refile(self.policy.on_cache(b, parent))
+                if self.quota is not None:
+                    self.quota.on_cache(b)
+                if b.ref_count == 0:
+                    self._file(b)
             stored_hashes.append(h)
             stored_tokens.extend(toks)
             parent = h
         if stored_hashes:
             self._events.append(BlockStored(tuple(stored_hashes), first_parent,
                                             tuple(stored_tokens), self.block_size))
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the cached free blocks the policy says have expired (``ttl``); they stay free.
+
+        Emits one BlockRemoved; returns how many blocks were dropped.
+        """
+        blocks = self.policy.expired(self.clock() if now is None else now)
+        if not blocks:
+            return 0
+        hashes: list[BlockHash] = []
+        for b in blocks:
+            assert b.block_hash is not None
+            hashes.append(b.block_hash)
+            self._uncache(b)
+            self._file(b)  # free again, now without a hash
+        self.num_expired += len(hashes)
+        self._events.append(BlockRemoved(tuple(hashes)))
+        return len(hashes)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
@@ -184,6 +281,10 @@ class BlockPool:
         for b in self.blocks:
             self._reset(b)
         self.cached.clear()
+        self.policy = make_policy(self.eviction_policy, self, self.cache_ttl_seconds,
+                                  ranked=self.quota is not None)
+        if self.quota is not None:
+            self.quota = TenantQuota(self.quota.limit, self.policy, self.num_blocks)
         self._events.append(AllBlocksCleared())
         return True
 
@@ -204,8 +305,30 @@ class BlockPool:
         return self._event_seq
 
     # -- internals ----------------------------------------------------------
+    def _take(self, b: Block) -> None:
+        """A free block stops being free (allocated or hit)."""
+        self.free_queue.remove(b)
+        if self._ranked:
+            self.policy.discard(b)
+            if self.quota is not None:
+                self.quota.discard(b)
+
+    def _file(self, b: Block) -> None:
+        """A free block (re)enters the policy's and the quota's order."""
+        self.policy.add_free(b)
+        if self.quota is not None:
+            self.quota.add_free(b)
+
+    def _refile(self, b: Block | None) -> None:
+        if b is not None and b.ref_count == 0:
+            self._file(b)
+
     def _uncache(self, b: Block) -> None:
         if b.block_hash is not None and self.cached.get(b.block_hash) is b:
+            if self._ranked:
+                self._refile(self.policy.on_uncache(b))
+                if self.quota is not None:
+                    self.quota.on_uncache(b)
             del self.cached[b.block_hash]
         self._reset(b)
 
@@ -213,6 +336,9 @@ class BlockPool:
     def _reset(b: Block) -> None:
         b.block_hash = None
         b.token_ids = None
+        b.hits = 0
+        b.depth = 0
+        b.tenant = None
 
     def check_integrity(self) -> None:
         """Raise AssertionError if any pool invariant is broken."""
@@ -231,3 +357,6 @@ class BlockPool:
                 assert b.token_ids is not None and len(b.token_ids) == self.block_size
         for h, b in self.cached.items():
             assert b.block_hash == h, f"cached map entry for block {b.block_id} is stale"
+        self.policy.check_integrity()
+        if self.quota is not None:
+            self.quota.check_integrity(self)

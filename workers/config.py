@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.workers.errors import InvalidRequestError
+from pdserve.workers.eviction import check_cache_options
 
 QUANTIZATIONS = ("int8", "int4")  # weight-only, of the decoder's projections (workers/quant.py)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -25,6 +26,10 @@ class EngineConfig:
     long_prefill_token_threshold: int | None = None  # chunked prefill: max prompt tokens per step
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped)
     enable_prefix_caching: bool = True
+    eviction_policy: str = "lru"  # which cached free block goes first: lru, lfu, ttl, cost
+    cache_ttl_seconds: float | None = None  # "ttl" policy: idle cached blocks expire after this
+    tenant_quota_blocks: int | None = None  # cached blocks per tenant (cache salt); None: no cap
+    session_ttl_seconds: float | None = 300.0  # an idle session's pin lasts this; None: no limit
     seed: int = 0
     worker_id: str = "local"
     model_cache_dir: str | None = None  # where the embedded model is converted to
@@ -34,8 +39,11 @@ class EngineConfig:
     speculative_adaptive: bool = True
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     attention_backend: str = "auto"  # "auto" (Triton on CUDA), "triton" or "torch" (reference)
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton attention only)
 
     def __post_init__(self) -> None:
+        check_cache_options(self.eviction_policy, self.cache_ttl_seconds, self.tenant_quota_blocks,
+                            self.session_ttl_seconds, prefix="config.")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise InvalidRequestError("config.quantization",
                                       f"must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")

@@ -38,6 +38,7 @@ class SeqState:
     read_offset: int
     num_cached_tokens: int
     generator_state: bytes | None = None
+    session_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -56,16 +57,18 @@ def state_of(seq: Sequence) -> SeqState:
         n = seq.num_prompt_tokens + 1
         return SeqState(seq.request_id, (*seq.token_ids, seq.held_token), n, seq.params,
                         seq.priority, seq.cache_salt, "", 0, max(0, n - 5), n,
-                        seq.num_cached_tokens, gen)
+                        seq.num_cached_tokens, gen, seq.session_id)
     return SeqState(seq.request_id, tuple(seq.token_ids), seq.num_prompt_tokens, seq.params,
                     seq.priority, seq.cache_salt, seq.output_text, seq.emitted_text_len,
-                    seq.prefix_offset, seq.read_offset, seq.num_cached_tokens, gen)
+                    seq.prefix_offset, seq.read_offset, seq.num_cached_tokens, gen,
+                    seq.session_id)
 
 
 def seq_from_state(st: SeqState) -> Sequence:
     seq = Sequence(request_id=st.request_id, token_ids=list(st.token_ids),
                    num_prompt_tokens=st.num_prompt_tokens, params=st.params,
-                   arrival=time.monotonic(), priority=st.priority, cache_salt=st.cache_salt)
+                   arrival=time.monotonic(), priority=st.priority, cache_salt=st.cache_salt,
+                   session_id=st.session_id)
     seq.output_text = st.output_text
     seq.emitted_text_len = st.emitted_text_len
     seq.prefix_offset, seq.read_offset = st.prefix_offset, st.read_offset
@@ -126,6 +129,7 @@ class DisaggEngine(LLMEngine):
         return True
 
     def housekeeping(self) -> None:
+        super().housekeeping()
         if self.leases:
             self.expire_leases(time.monotonic())
 
@@ -192,7 +196,8 @@ class DisaggEngine(LLMEngine):
             if i >= start_block:
                 hashes.append(parent)
                 chunks.append(toks)
-        self.block_manager.pool.cache_full_blocks(blocks, hashes, chunks, first_parent)
+        self.block_manager.pool.cache_full_blocks(blocks, hashes, chunks, first_parent,
+                                                  tenant=salt, depth=start_block)
         self.block_manager.pool.free(list(reversed(blocks)))
         return n
 
@@ -218,19 +223,22 @@ class DisaggEngine(LLMEngine):
 
     def complete(self, request_id: str, start_block: int, payload: KVPayload | None,
                  num_kv_tokens: int) -> bool:
-        """Write pulled blocks and start decoding; with ``payload=None`` recompute instead."""
+        """Write pulled blocks and start decoding; with ``payload=None`` recompute instead
+        (unless every block was already a prefix hit here). False if aborted meanwhile."""
         seq = self.reserved.pop(request_id, None)
         if seq is None:
             return False  # aborted meanwhile
-        if payload is not None:
+        written = start_block >= len(seq.block_table)  # every block was a prefix hit here
+        if payload is not None and not written:
             try:
                 unpack_blocks(self.runner.kv_caches, seq.block_table[start_block:], payload)
-                seq.num_computed_tokens = num_kv_tokens
-                self.block_manager.commit(seq)
+                written = True
             except Exception:
                 logger.warning("request %s: KV import failed; recomputing", request_id, exc_info=True)
-                payload = None
-        if payload is None:
+        if written:
+            seq.num_computed_tokens = num_kv_tokens
+            self.block_manager.commit(seq)
+        else:
             self.block_manager.free(seq)  # recompute the prompt (prefix hits still apply)
         self.requests[request_id] = seq
         self.scheduler.add(seq)

@@ -62,7 +62,11 @@ class LLMEngine:
             16, config.kv_cache_memory_mb * 2**20 // kv_bytes_per_block(self.model, config.block_size, kv_dtype))
         self.config = replace(config, max_model_len=max_len, num_blocks=num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching, config.worker_id)
+                                          config.enable_prefix_caching, config.worker_id,
+                                          eviction_policy=config.eviction_policy,
+                                          cache_ttl_seconds=config.cache_ttl_seconds,
+                                          tenant_quota_blocks=config.tenant_quota_blocks,
+                                          session_ttl_seconds=config.session_ttl_seconds)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.long_prefill_token_threshold, max_len),
@@ -70,7 +74,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, kv_dtype,
                                   # only the reference path reads the int8 cache's scales
                                   make_attention_backend("torch" if kv_dtype == torch.int8
-                                                         else config.attention_backend, self.device))
+                                                         else config.attention_backend, self.device),
+                                  max_model_len=max_len, cuda_graphs=config.cuda_graphs,
+                                  max_num_seqs=config.max_num_seqs)
         self.sampler = Sampler(self.model_config.eos_token_ids, config.seed)
         self.prompts = PromptProcessor(self.tokenizer, self.vocab_size, max_len)
         self.requests: dict[str, Sequence] = {}
@@ -117,7 +123,7 @@ class LLMEngine:
                     params: SamplingParams | None = None, *, prompt_token_ids: list[int] | None = None,
                     messages: list[dict] | None = None, priority: int = 0,
                     cache_salt: str | None = None, arrival: float | None = None,
-                    prefill_only: bool = False) -> Sequence:
+                    prefill_only: bool = False, session_id: str | None = None) -> Sequence:
         """Validate and queue a request; raises InvalidRequestError naming the bad field."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
@@ -129,6 +135,8 @@ class LLMEngine:
             raise InvalidRequestError("priority", "must be an integer")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise InvalidRequestError("cache_salt", "must be a string")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise InvalidRequestError("session_id", "must be a non-empty string")
         ids = self.encode_prompt(prompt, prompt_token_ids, messages)
         self.prompts.check_length(len(ids), params.max_tokens)
         if -(-(len(ids) + params.max_tokens) // self.config.block_size) > self.block_manager.num_blocks:
@@ -136,7 +144,8 @@ class LLMEngine:
                                       "the request needs more KV blocks than this worker has")
         seq = Sequence(request_id=request_id, token_ids=ids, num_prompt_tokens=len(ids),
                        params=params, arrival=arrival if arrival is not None else time.monotonic(),
-                       priority=priority, cache_salt=cache_salt, prefill_only=prefill_only)
+                       priority=priority, cache_salt=cache_salt, prefill_only=prefill_only,
+                       session_id=session_id)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_offsets(seq)
@@ -330,7 +339,8 @@ class LLMEngine:
         return None
 
     def housekeeping(self) -> None:
-        """Hook for housekeeping between steps (lease expiry in the P/D engine)."""
+        """Between steps: expire idle sessions and cached blocks (the P/D engine adds leases)."""
+        self.block_manager.expire()
 
     def _append_token(self, seq: Sequence, token: int, lp: Logprobs | None) -> TokenChunk | None:
         p = seq.params

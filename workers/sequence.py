@@ -39,6 +39,7 @@ class Sequence:
     arrival: float
     priority: int = 0
     cache_salt: str | None = None
+    session_id: str | None = None  # when it finishes, its blocks stay pinned for the next turn
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)

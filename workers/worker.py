@@ -6,6 +6,7 @@ method; the transports that pull KV from a peer are injected as callables.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -15,10 +16,10 @@ from dataclasses import dataclass, replace
 from pdserve.workers.async_engine import AsyncEngine
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.disagg_engine import DisaggEngine, SeqState
-from pdserve.workers.errors import OutOfBlocksError
+from pdserve.workers.errors import RequestAbortedError
 from pdserve.workers.kv_events import KVEventBatch
 from pdserve.workers.kv_transfer import KVHandle, KVPayload, KVTransferError
-from pdserve.workers.outputs import TokenChunk
+from pdserve.workers.outputs import TokenChunk, Usage
 from pdserve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class GenerateRequest:
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    session_id: str | None = None  # the decode worker keeps the finished turn's blocks for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +85,15 @@ class Worker:
         self._decode_step_s = 0.05
         self.last_handoff: HandoffStats | None = None
         self.handoff_log: deque[tuple[str, int, float, bool]] = deque(maxlen=4096)
+        self.num_corrupt_pulls = 0  # pulls whose blocks failed their checksums
 
     # -- whole requests on this worker (colocated / direct path) ------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         def start(engine: DisaggEngine) -> None:
             engine.add_request(req.request_id, params=req.params,
                                prompt_token_ids=list(req.prompt_token_ids),
-                               priority=req.priority, cache_salt=req.cache_salt)
+                               priority=req.priority, cache_salt=req.cache_salt,
+                               session_id=req.session_id)
 
         async for chunk in self._timed(self.aengine.stream(req.request_id, start)):
             yield chunk
@@ -103,7 +107,7 @@ class Worker:
             engine.add_request(req.request_id, params=req.params,
                                prompt_token_ids=list(req.prompt_token_ids),
                                priority=req.priority, cache_salt=req.cache_salt,
-                               prefill_only=True)
+                               prefill_only=True, session_id=req.session_id)
 
         first: TokenChunk | None = None
         async for chunk in self.aengine.stream(req.request_id, start, first_only=True):
@@ -117,7 +121,11 @@ class Worker:
             lease = engine.lease_for(req.request_id)
             return (lease.handle, lease.state, lease.queue_seconds) if lease else (None, None, 0.0)
 
-        handle, state, queued = await self.aengine.acall(take)
+        try:
+            handle, state, queued = await self.aengine.acall(take)
+        except asyncio.CancelledError:  # nobody will hand the lease on: release it now
+            self.aengine.abort(req.request_id)
+            raise
         if handle is None:  # aborted or expired in between
             return PrefillResult(replace(first, finished=True, finish_reason="abort"), None, None, dt)
         uncached = len(req.prompt_token_ids) - state.num_cached_tokens
@@ -148,7 +156,9 @@ class Worker:
         """Admit a handed-off request, pull its blocks, release the lease, stream tokens.
 
         Without a handle (or if every pull fails) the request is recomputed here: never
-        a wrong answer. Refusal (no room) raises OutOfBlocksError after releasing the lease.
+        a wrong answer. Refusal (no room) raises OutOfBlocksError and leaves the lease to
+        the caller, who may hand it to another decode worker. An abort that lands during
+        the pull ends the stream with an "abort" chunk.
         """
         rid = state.request_id
         t0 = time.monotonic()
@@ -157,13 +167,15 @@ class Worker:
         if handle is not None:
             try:
                 start_block = await self.aengine.acall(lambda e: e.reserve(state, handle.num_tokens))
-            except OutOfBlocksError:
-                if release is not None:
-                    await release(handle)
+            except asyncio.CancelledError:
+                self.aengine.abort(rid)  # the inbox is FIFO: this frees the reservation
                 raise
             try:
                 if start_block < handle.num_blocks and pull is not None:
                     payload = await self._pull_verified(handle, start_block, pull)
+            except asyncio.CancelledError:
+                self.aengine.abort(rid)
+                raise
             finally:
                 if release is not None:
                     try:
@@ -174,14 +186,20 @@ class Worker:
             nbytes = payload.nbytes if payload is not None else 0
             self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok)
             self.handoff_log.append((rid, nbytes, self.last_handoff.seconds, not ok))
-            if ok:
-                start = lambda e: e.complete(rid, start_block, payload, handle.num_tokens)  # noqa: E731
-            else:
-                start = lambda e: e.complete(rid, start_block, None, handle.num_tokens)  # noqa: E731
+            sent = payload if ok else None
+
+            def start(e: DisaggEngine) -> None:
+                if not e.complete(rid, start_block, sent, handle.num_tokens):
+                    raise RequestAbortedError(f"request {rid} was aborted during its handoff")
         else:
             start = lambda e: e.admit_recompute(state)  # noqa: E731
-        async for chunk in self._timed(self.aengine.stream(rid, start)):
-            yield chunk
+        try:
+            async for chunk in self._timed(self.aengine.stream(rid, start)):
+                yield chunk
+        except RequestAbortedError:  # nothing was admitted: end the stream, never hang it
+            usage = Usage(state.num_prompt_tokens, len(state.token_ids) - state.num_prompt_tokens,
+                          state.num_cached_tokens)
+            yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage)
 
     async def _pull_verified(self, handle: KVHandle, start_block: int, pull: PullFn) -> KVPayload | None:
         """Pull with one retry; the checksums are verified again when the blocks are written."""
@@ -200,6 +218,7 @@ class Worker:
             bad = [i for i, row in enumerate(payload.data) if checksum(row) != payload.checksums[i]]
             if not bad:
                 return payload
+            self.num_corrupt_pulls += 1
             logger.warning("request %s: %d corrupt block(s) in transfer; retrying",
                            handle.request_id, len(bad))
         return None
@@ -234,7 +253,8 @@ class Worker:
                     "prefix_hits": bm.prefix_hits, "preemptions": e.scheduler.num_preemptions,
                     "expired_leases": e.num_expired_leases, "owners": bm.owners(),
                     "spec_proposed": e.spec.num_proposed if e.spec else 0,
-                    "spec_accepted": e.spec.num_accepted if e.spec else 0}
+                    "spec_accepted": e.spec.num_accepted if e.spec else 0,
+                    "corrupt_pulls": self.num_corrupt_pulls}
 
         return await self.aengine.acall(read)
 
