@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pdserve.workers.errors import PdserveError
+from pdserve.workers.quant import KV_INT8, KV_SCALE_BYTES, kv_head_width
 
 FRAME_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -35,6 +36,9 @@ class KVChecksumError(KVTransferError):
         super().__init__(f"checksum mismatch in transferred block {block_index}")
         self.block_index = block_index
 
+    def __reduce__(self):  # pickle by the real argument, not the message
+        return type(self), (self.block_index,)
+
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
@@ -42,7 +46,13 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # torch dtype name without "torch."
+    dtype: str  # torch dtype name without "torch."; "int8": the scaled int8 cache
+
+    @property
+    def head_width(self) -> int:
+        """Elements per (K|V, token, head) in the cache: head_dim, and for the int8 cache
+        the 4 bytes of the row's float32 scale (which travel with it, see workers/quant.py)."""
+        return kv_head_width(self.head_dim, _DTYPES[self.dtype])
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +72,13 @@ class KVHandle:
     def bytes_per_block(self) -> int:
         lay = self.layout
         elem = torch.empty((), dtype=_DTYPES[lay.dtype]).element_size()
-        return 2 * lay.num_layers * lay.block_size * lay.num_kv_heads * lay.head_dim * elem
+        return 2 * lay.num_layers * lay.block_size * lay.num_kv_heads * lay.head_width * elem
 
 
 @dataclass(frozen=True, slots=True)
 class KVPayload:
-    """Blocks packed contiguously: data is uint8 [n_blocks, per_block_bytes] (layer-major inside)."""
+    """Blocks packed contiguously: data is uint8 [n_blocks, per_block_bytes] (layer-major inside;
+    an int8 cache's scales are part of its rows, so they are in the data and its checksums)."""
 
     layout: KVLayout
     data: np.ndarray
@@ -84,6 +95,8 @@ class KVPayload:
 
 def layout_of(kv_caches: list[torch.Tensor]) -> KVLayout:
     _, _, bs, h, d = kv_caches[0].shape
+    if kv_caches[0].dtype == KV_INT8:
+        d -= KV_SCALE_BYTES
     return KVLayout(len(kv_caches), bs, h, d, str(kv_caches[0].dtype).removeprefix("torch."))
 
 
@@ -115,7 +128,7 @@ def unpack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], payload: 
     with warnings.catch_warnings():  # read-only buffers (Ray, gRPC) are only read here
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(np.ascontiguousarray(payload.data)).view(_DTYPES[lay.dtype])
-    t = t.reshape(n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+    t = t.reshape(n, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_width)
     idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
     t = t.to(kv_caches[0].device)
     for layer, cache in enumerate(kv_caches):
@@ -133,6 +146,8 @@ def encode_frames(payload: KVPayload, max_frame_bytes: int = 1 << 20) -> Iterato
         "n_blocks": payload.num_blocks, "block_bytes": int(payload.data.shape[1]) if payload.num_blocks else 0,
         "checksums": list(payload.checksums),
     }, use_bin_type=True)
+    if not payload.nbytes:  # nothing to send (a memoryview of an empty array cannot cast)
+        return
     flat = memoryview(np.ascontiguousarray(payload.data)).cast("B")
     for off in range(0, len(flat), max_frame_bytes):
         chunk = flat[off:off + max_frame_bytes]

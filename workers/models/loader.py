@@ -11,6 +11,7 @@ from safetensors import safe_open
 from pdserve.workers.errors import ModelLoadError
 from pdserve.workers.models.config import ModelConfig
 from pdserve.workers.models.decoder import CausalLM
+from pdserve.workers.quant import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,17 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"dtype {name!r} not one of {sorted(DTYPES)}") from e
 
 
+def resolve_kv_dtype(kv_cache_dtype: str | None, model_dtype: str | torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: ``"int8"`` is the scaled int8 cache; None follows the model."""
+    if kv_cache_dtype == "int8":
+        return torch.int8
+    return resolve_dtype(kv_cache_dtype or model_dtype)
+
+
 def load_model(folder: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> CausalLM:
+               device: str | torch.device = "cpu", quantization: str | None = None) -> CausalLM:
+    """Load the checkpoint in ``dtype``; with ``quantization`` ("int8" | "int4") the decoder's
+    projections are then quantized from those weights (see :mod:`pdserve.workers.quant`)."""
     folder = Path(folder)
     cfg = ModelConfig.from_folder(folder)
     files = sorted(folder.glob("*.safetensors"))
@@ -67,6 +77,9 @@ def load_model(folder: str | Path, dtype: str | torch.dtype = "float32",
 
     model.model.rotary.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval()
-    logger.info("loaded %s (%s, %d layers) as %s on %s", folder, cfg.model_type,
-                cfg.num_hidden_layers, torch_dtype, device)
+    if quantization is not None:
+        del params  # drop our references so each replaced full-precision weight is freed
+        quantize_model(model, quantization)
+    logger.info("loaded %s (%s, %d layers) as %s on %s, quantization %s", folder, cfg.model_type,
+                cfg.num_hidden_layers, torch_dtype, device, quantization)
     return model
