@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from pdserve.workers.config import QUANTIZATIONS
+from pdserve.workers.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.eviction import check_cache_options
 
@@ -59,6 +59,9 @@ class ClusterConfig:
     model: str | None = None  # local HF folder; None: the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"
     quantization: str | None = None  # every worker's weights: "int8" | "int4"; None: dtype
+    # Every worker's KV cache ("int8" halves/quarters handoff bytes); prefill and decode
+    # must agree, so it is one cluster-wide setting. None: the same as dtype.
+    kv_cache_dtype: str | None = None
     device: str = "cpu"
     max_model_len: int | None = None
     block_size: int = 16
@@ -100,6 +103,9 @@ class ClusterConfig:
             raise _bad("block_size", f"must be a positive power of two, got {self.block_size}")
         if self.dtype not in DTYPES:
             raise _bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise _bad("kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES} or None, "
+                                         f"got {self.kv_cache_dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise _bad("quantization", f"must be one of {QUANTIZATIONS} or None, "
                                        f"got {self.quantization!r}")

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> EngineConfig:
     threads = max(1, int(role.num_cpus)) if cfg.device == "cpu" else None
     return EngineConfig(model=cfg.model, dtype=cfg.dtype, quantization=cfg.quantization,
+                        kv_cache_dtype=cfg.kv_cache_dtype,
                         device=cfg.device,
                         block_size=cfg.block_size, num_blocks=role.num_blocks,
                         max_num_seqs=role.max_num_seqs,
