@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/pdserve/v1/pdserve.proto (scripts/gen_proto.py); do not edit."""
