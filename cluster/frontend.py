@@ -21,7 +21,7 @@ from pdserve.cluster.auth import Admission, ApiKeys, RateLimiter, Unauthenticate
 from pdserve.cluster.config import ServerConfig
 from pdserve.cluster.metrics import Metrics, RequestTimes
 from pdserve.cluster.router import RouterRequest
-from pdserve.cluster.truncation import Fitted, fit_chat, fit_tokens
+from pdserve.cluster.truncation import Fitted, fit_chat, fit_tokens, later_cuts, prefer_cached
 from pdserve.workers.errors import (
     InvalidRequestError,
     PdserveError,
@@ -251,6 +251,17 @@ class Frontend:
             params.validate(self.info.vocab_size)
         return Prepared(rid, f"{rid}-{uuid.uuid4().hex[:8]}", fitted.token_ids, params, fitted)
 
+    async def _prefer_cached_cut(self, req: FrontRequest, prep: Prepared) -> Prepared:
+        """Cache-aware truncation: try later turn boundaries and keep the cut whose prefix
+        the cluster already holds (see truncation.prefer_cached)."""
+        cands = later_cuts(list(req.messages), prep.fitted, self.prompts.apply_chat_template)
+        if len(cands) == 1:
+            return prep
+        cached = await asyncio.wait_for(self.router.cached_prefix_tokens.remote(
+            [c.token_ids for c in cands], req.cache_salt), CONTROL_TIMEOUT_S)
+        best = prefer_cached(cands, cached, self.info.block_size)
+        return replace(prep, token_ids=best.token_ids, fitted=best)
+
     async def open(self, req: FrontRequest, caller: str) -> FrontStream:
         """Admit and start a request; returns once its first chunk is in (or raises)."""
         times = RequestTimes(arrival=time.monotonic())
@@ -258,6 +269,8 @@ class Frontend:
         try:
             self.limiter.admit(caller)
             prep = self.prepare(req)
+            if prep.fitted.dropped_messages:
+                prep = await self._prefer_cached_cut(req, prep)
             key = (caller, prep.request_id)
             if key in self._running:
                 raise InvalidRequestError("request_id", f"{prep.request_id!r} is already running")

@@ -20,6 +20,7 @@ class Fitted:
     messages: list[dict] | None = None  # the kept messages (chat prompts only)
     dropped_messages: int = 0
     dropped_tokens: int = 0
+    cached_tokens: int = 0  # set by cache-aware truncation: leading tokens cached somewhere
 
 
 def check_mode(mode: str) -> None:
@@ -98,3 +99,34 @@ def fit_chat(messages: list[dict], max_model_len: int, max_tokens: int, mode: st
     start = starts[best[0]]
     return Fitted(best[1], kept(start), dropped_messages=start - head,
                   dropped_tokens=len(ids) - len(best[1]))
+
+
+def later_cuts(messages: list[dict], fitted: Fitted, encode: Callable[[list[dict]], list[int]],
+               limit: int = 8) -> list[Fitted]:
+    """``fitted`` (the cut keeping the most turns) and up to ``limit - 1`` later turn
+    boundaries, each a prompt that also fits: the candidates of cache-aware truncation."""
+    if not fitted.dropped_messages or fitted.messages is None:
+        return [fitted]
+    head = 0
+    while head < len(messages) and messages[head].get("role") == "system":
+        head += 1
+    first = head + fitted.dropped_messages
+    total = len(encode(messages))
+    out = [fitted]
+    for start in turn_starts(messages, first)[1:limit]:
+        kept = list(messages[:head]) + list(messages[start:])
+        ids = encode(kept)
+        out.append(Fitted(ids, kept, dropped_messages=start - head, dropped_tokens=total - len(ids)))
+    return out
+
+
+def prefer_cached(candidates: list[Fitted], cached: list[int], block_size: int) -> Fitted:
+    """Cache-aware truncation: among cuts that fit, keep the one whose prompt has the most
+    leading tokens already cached in the cluster; on a tie (or a gain under one block) keep
+    more context. A cut that keeps a cached prefix saves its whole prefill."""
+    best, best_cached = candidates[0], cached[0]
+    for cand, c in zip(candidates[1:], cached[1:], strict=True):
+        if c >= best_cached + block_size:
+            best, best_cached = cand, c
+    return Fitted(best.token_ids, best.messages, best.dropped_messages, best.dropped_tokens,
+                  cached_tokens=best_cached)
