@@ -50,7 +50,8 @@ def place(num_tokens: int, hits: dict[str, int], prefill: list[WorkerLoad],
     bs = params.block_size
     n_blocks = -(-num_tokens // bs)
     bw = max(params.link_bytes_per_s, 1.0)
-    best_holder = max(hits.items(), key=lambda kv: kv[1], default=(None, 0))
+    best_holder = max(((w, min(n, n_blocks)) for w, n in hits.items()),
+                      key=lambda kv: kv[1], default=(None, 0))
 
     def transfer(load: WorkerLoad, blocks: int) -> float:
         return blocks * load.block_bytes / bw

@@ -372,6 +372,16 @@ class Router:
                     await self._mark_dead(w)
         return out
 
+    async def cached_prefix_tokens(self, candidates: list[list[int]], cache_salt: str | None
+                                   ) -> list[int]:
+        """For each candidate prompt, the leading tokens some worker holds in its cache."""
+        out = []
+        for ids in candidates:
+            hashes = hash_prompt_blocks(list(ids), self.config.block_size, cache_salt)
+            hits = await self.index.lookup.remote(hashes) if hashes else {}
+            out.append(max(hits.values(), default=0) * self.config.block_size)
+        return out
+
     async def request_timings(self) -> list[dict]:
         return list(self.timings)
 

@@ -23,6 +23,7 @@ from pdserve.workers.worker import GenerateRequest, PrefillResult, Worker, Worke
 logger = logging.getLogger(__name__)
 
 EVENT_PUSH_INTERVAL_S = 0.05
+FAULT_DELAY_S = 0.3
 
 
 @ray.remote(max_restarts=0, max_concurrency=1000)
@@ -42,6 +43,9 @@ class EngineWorkerActor:
         self._faults: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._grpc_server = None
+        # One push at a time: batches reach the index in seq order, and flush_events waits
+        # for a push the background pusher has in flight.
+        self._push_lock = asyncio.Lock()
 
     async def start(self) -> str:
         """Load the model, start the KV server and the event pusher; returns the worker id."""
@@ -95,6 +99,9 @@ class EngineWorkerActor:
 
     # -- KV export (the source side of a handoff) -------------------------------------
     async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
+        if self._faults.get("delay_export", 0) > 0:
+            self._faults["delay_export"] -= 1
+            await asyncio.sleep(FAULT_DELAY_S)
         return self._maybe_corrupt(await self.worker.export_lease(lease_id, start_block))
 
     async def _export_for_peer(self, lease_id: str, start_block: int) -> KVPayload:
@@ -116,7 +123,10 @@ class EngineWorkerActor:
         return payload
 
     def inject_fault(self, kind: str, count: int = 1) -> None:
-        """Test hook: a deliberate fault (``corrupt_export``) for the next ``count`` exports."""
+        """Test hook: a deliberate fault for the next ``count`` exports: ``corrupt_export``
+        (one byte flipped after the checksums) or ``delay_export`` (FAULT_DELAY_S late)."""
+        if kind not in ("corrupt_export", "delay_export"):
+            raise ValueError(f"unknown fault {kind!r}")
         self._faults[kind] = count
 
     # -- control ------------------------------------------------------------------------
@@ -157,6 +167,10 @@ class EngineWorkerActor:
     async def _push_once(self) -> None:
         if self.index is None:
             return
+        async with self._push_lock:
+            await self._push_locked()
+
+    async def _push_locked(self) -> None:
         batch = await self.worker.take_events()
         if batch is None:
             return

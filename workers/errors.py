@@ -15,6 +15,9 @@ class InvalidRequestError(PdserveError, ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # pickle (Ray sends errors between processes) by the real arguments
+        return type(self), (self.field, self.message)
+
 
 class OutOfBlocksError(PdserveError):
     """The block pool cannot satisfy an allocation."""
@@ -23,6 +26,9 @@ class OutOfBlocksError(PdserveError):
         super().__init__(f"need {needed} free KV blocks, only {free} available")
         self.needed = needed
         self.free = free
+
+    def __reduce__(self):
+        return type(self), (self.needed, self.free)
 
 
 class ModelLoadError(PdserveError):

@@ -332,11 +332,8 @@ def test_follows_real_block_pools() -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+def ray_local(ray_session):
+    return ray_session  # the session's Ray (tests/cluster/conftest.py): one start for all
 
 
 def test_actor_round_trip(ray_local) -> None:

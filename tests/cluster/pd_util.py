@@ -1,0 +1,115 @@
+"""Constants and helpers shared by the cluster tests (the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from pdserve.workers.outputs import TokenChunk
+from pdserve.workers.sampling_params import SamplingParams
+
+MAX_TOKENS = 16
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+# Plain prompts without a shared prefix (each one takes the P/D path), from 1 to 4 blocks;
+# none ends before MAX_TOKENS.
+PROMPTS = (
+    "The three primary colors are",
+    "List of the planets of the solar system in order from the sun: 1.",
+    "Once upon a time, in a small village at the edge of a vast forest, there lived an old "
+    "clockmaker who repaired every clock in the valley. Each morning he opened his shop, wound "
+    "the great pendulum clock by the door, and listened to the ticking of a hundred",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+)
+STREAM_TIMEOUT_S = 120.0
+
+
+def base_config(**overrides: Any) -> dict:
+    """A small cluster config as a dict; ``overrides`` replace top-level keys."""
+    role = {"replicas": 1, "num_cpus": 1, "num_blocks": 160}
+    cfg: dict[str, Any] = {"prefill": dict(role), "decode": dict(role)}
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Greedy outputs of the single-process engine and of transformers for PROMPTS."""
+
+    prompt_ids: dict[str, list[int]]
+    engine: dict[str, list[int]]
+    hf: dict[str, list[int]]
+
+    def check(self, prompt: str, got: Iterable[int]) -> None:
+        got = list(got)
+        assert got == self.engine[prompt], f"{prompt[:30]!r}: differs from the engine"
+        assert got == self.hf[prompt], f"{prompt[:30]!r}: differs from transformers"
+
+
+def drain(gen: Any, timeout: float = STREAM_TIMEOUT_S) -> list[TokenChunk]:
+    """Read a router stream (an ObjectRefGenerator) to its end; TimeoutError on a stall."""
+    out: list[TokenChunk] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        ready, _ = ray.wait([gen], timeout=max(left, 0.0))
+        if not ready:
+            raise TimeoutError(f"stream stalled after {len(out)} chunks")
+        try:
+            ref = next(gen)
+        except StopIteration:
+            return out
+        out.append(ray.get(ref, timeout=max(left, 1.0)))
+
+
+def tokens(chunks: list[TokenChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def router_stats(cluster: Any) -> dict:
+    return ray.get(cluster.router.stats.remote(), timeout=30)
+
+
+def counters(cluster: Any) -> dict[str, float]:
+    return router_stats(cluster)["counters"]
+
+
+def live_workers(cluster: Any, role: str | None = None) -> list[str]:
+    alive = router_stats(cluster)["alive"]
+    return [w for w, (r, _) in cluster.workers.items() if alive[w] and role in (None, r)]
+
+
+def worker_stats(cluster: Any, role: str | None = None) -> dict[str, dict]:
+    """stats() of every live worker (of one role), straight from the actors."""
+    ids = live_workers(cluster, role)
+    got = ray.get([cluster.actor(w).stats.remote() for w in ids], timeout=30)
+    return dict(zip(ids, got, strict=True))
+
+
+def wait_idle(cluster: Any, timeout: float = 60.0) -> dict[str, dict]:
+    """Wait until no worker holds a request, lease, reservation or block owner and the router
+    has no request; return the workers' stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = worker_stats(cluster)
+        active = router_stats(cluster)["active"]
+        busy = {w: s for w, s in stats.items()
+                if s["requests"] or s["leases"] or s["reserved"] or s["owners"]}
+        if not busy and not active:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not idle after {timeout} s: router active={active}, {busy}")
+        time.sleep(0.1)
+
+
+def assert_clean(cluster: Any, timeout: float = 60.0) -> dict[str, dict]:
+    """Every live worker is idle with every block free, and passes check_integrity."""
+    stats = wait_idle(cluster, timeout)
+    for wid, s in stats.items():
+        assert s["free_blocks"] == s["total_blocks"], (wid, s)
+        assert s["leases"] == 0 and s["owners"] == [], (wid, s)
+    assert all(ray.get([cluster.actor(w).check_integrity.remote() for w in stats], timeout=30))
+    return stats
