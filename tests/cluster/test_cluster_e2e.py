@@ -1,7 +1,8 @@
 """End to end on a 2 prefill + 2 decode cluster over the Ray object store: exact greedy output,
-a corrupted handoff, then failures. Killing a prefill worker in the middle of a request, and a
-decode worker in the middle of its streams, must neither hang nor give a wrong answer, and the
-cluster must keep serving. The tests run in file order: the last ones destroy workers.
+a corrupted handoff, a prompt every decode worker refuses, then failures. Killing a prefill
+worker in the middle of a request, and a decode worker in the middle of its streams, must
+neither hang nor give a wrong answer, and the cluster must keep serving. The tests run in file
+order: the last ones destroy workers.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from pdserve.cluster.router import RouterRequest
 from pdserve.workers.errors import UnavailableError
 from pdserve.workers.sampling_params import SamplingParams
 
+DECODE_BLOCKS = 64
+
 
 @pytest.fixture(scope="module")
 def cluster(start_cluster):
-    role = {"replicas": 2, "num_cpus": 1, "num_blocks": 160}
-    # Small prefill steps (chunked prefill) keep a long prompt on its prefill worker for a while.
-    c = start_cluster(transport="object_store", prefill={**role, "max_num_batched_tokens": 96},
-                      decode=role)
+    role = {"replicas": 2, "num_cpus": 1}
+    # Small prefill steps (chunked prefill) keep a long prompt on its prefill worker for a
+    # while; decode workers smaller than prefill workers can refuse a long prompt.
+    c = start_cluster(transport="object_store",
+                      prefill={**role, "num_blocks": 160, "max_num_batched_tokens": 96},
+                      decode={**role, "num_blocks": DECODE_BLOCKS})
     yield c
     c.shutdown()
 
@@ -50,6 +55,16 @@ def wait_for(cond, timeout: float = 30.0, what: str = "condition"):
 def holder_of(cluster, rid: str, role: str) -> str | None:
     info = ray.get(cluster.router.inflight.remote()).get(rid)
     return info["holder"] if info and info["role"] == role else None
+
+
+def engine_tokens(engine, rid: str, params: SamplingParams, prompt: str | None = None,
+                  ids: list[int] | None = None) -> list[int]:
+    """Greedy reference from the single-process engine."""
+    engine.add_request(rid, prompt, params, prompt_token_ids=ids)
+    out = []
+    while engine.has_unfinished():
+        out += [t for c in engine.step() for t in c.token_ids]
+    return out
 
 
 def test_greedy_output_equals_the_single_engine_2p2d(cluster, reference) -> None:
@@ -80,6 +95,21 @@ def test_a_corrupted_block_in_the_object_store_is_caught(cluster, reference) -> 
     assert_clean(cluster)
 
 
+def test_a_prompt_no_decode_worker_has_room_for_fails_cleanly(cluster) -> None:
+    """Every decode worker refuses the handoff: a clear, retryable error, and the prefill's
+    lease is released by the router at once (not when it times out)."""
+    ids = tuple(range(1000, 1000 + DECODE_BLOCKS * 16 + 20))
+    before = worker_stats(cluster, "prefill")
+    with pytest.raises(UnavailableError, match="refused"):
+        drain(cluster.router.generate.remote(RouterRequest(
+            "too-long", prompt_token_ids=ids, params=SamplingParams(max_tokens=4))))
+    stats = assert_clean(cluster, timeout=10)  # well within lease_seconds (30 s)
+    for w, s in before.items():
+        assert stats[w]["expired_leases"] == s["expired_leases"]
+    assert sum(stats[w]["prefix_queries"] - s["prefix_queries"] for w, s in before.items()) \
+        == len(ids)  # it was prefilled, then refused
+
+
 def test_killing_a_prefill_worker_mid_request(cluster, smol_engine) -> None:
     engine = smol_engine()
     text = " ".join(f"Paragraph {i}: the committee met again to discuss the budget of the "
@@ -88,10 +118,7 @@ def test_killing_a_prefill_worker_mid_request(cluster, smol_engine) -> None:
     ids = engine.encode_prompt(text)
     assert len(ids) > 3 * 96  # several chunked-prefill steps
     sp = SamplingParams(max_tokens=8, temperature=0.0)
-    engine.add_request("kill-p-ref", prompt_token_ids=ids, params=sp)
-    want = []
-    while engine.has_unfinished():
-        want += [t for c in engine.step() for t in c.token_ids]
+    want = engine_tokens(engine, "kill-p-ref", sp, ids=ids)
 
     before = counters(cluster)
     gen = cluster.router.generate.remote(RouterRequest("kill-p", prompt_token_ids=tuple(ids),
@@ -112,17 +139,9 @@ def test_killing_a_prefill_worker_mid_request(cluster, smol_engine) -> None:
     # The cluster keeps serving, and forgot the dead worker's blocks.
     chunks = drain(cluster.router.generate.remote(RouterRequest("after-kill-p",
                                                                 prompt=PROMPTS[3], params=GREEDY)))
-    assert tokens(chunks) == engine_ref(engine, PROMPTS[3])
+    assert tokens(chunks) == engine_tokens(engine, "after-kill-p-ref", GREEDY, PROMPTS[3])
     assert ray.get(cluster.index.snapshot.remote(victim)) == set()
     assert_clean(cluster)
-
-
-def engine_ref(engine, prompt: str) -> list[int]:
-    engine.add_request("ref", prompt, GREEDY)
-    out = []
-    while engine.has_unfinished():
-        out += [t for c in engine.step() for t in c.token_ids]
-    return out
 
 
 def test_killing_a_decode_worker_mid_stream(cluster, reference) -> None:

@@ -29,6 +29,7 @@ from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.worker import Worker
 
 BS = 16
+ONE = SamplingParams(max_tokens=1, temperature=0.0)  # to fill a cache: the output is not checked
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_blocks_cached_on_the_decode_side_are_not_pulled_again(make, reference: 
     q = PROMPTS[2]
     ids = reference.prompt_ids[q]
     assert len(ids) > 3 * BS
-    hand_off(p, d, prefill(p, {"a": ids}))
+    hand_off(p, d, prefill(p, {"a": ids}, SamplingParams(max_tokens=2, temperature=0.0)))
     run(d)
     # Same prompt again: the prefill worker hits its own cache, the decode worker holds every
     # full block, so only the last (partial) block crosses.
@@ -209,11 +210,10 @@ def test_reserve_refuses_without_room_and_leaks_nothing(make, reference) -> None
     d = make("d")
     hand_off(p, d, {"a": (first, lease)})
     reference.check(PROMPTS[2], [*first.token_ids, *(t for c in run(d)["a"] for t in c.token_ids)])
-    with pytest.raises(InvalidRequestError):  # one reservation per request id
+    d.reserve(lease.state, lease.handle.num_tokens)  # "a" has finished: its id is free again
+    with pytest.raises(InvalidRequestError):  # but one reservation per request id at a time
         d.reserve(lease.state, lease.handle.num_tokens)
-        d.reserve(lease.state, lease.handle.num_tokens)
-    d.abort_request("a")
-    run(d)
+    assert d.abort_request("a")
     free_and_clean(d)
 
 
@@ -250,7 +250,7 @@ def test_prefix_export_and_import_between_workers(make, reference) -> None:
     q = PROMPTS[2]
     ids = reference.prompt_ids[q]
     full = len(ids) // BS
-    src.add_request("warm", prompt_token_ids=ids, params=GREEDY)
+    src.add_request("warm", prompt_token_ids=ids, params=ONE)
     run(src)
     assert src.export_prefix(ids, "other-tenant", 0, full) == (0, None)  # salted: no match
     # Import block 0 first, then blocks 1.. on top of it (what the router's plan does when
@@ -275,7 +275,7 @@ def test_prefix_export_and_import_between_workers(make, reference) -> None:
 def test_import_without_room_imports_nothing(make, reference) -> None:
     src, tiny = make("src"), make("tiny", num_blocks=2)
     ids = reference.prompt_ids[PROMPTS[2]]
-    src.add_request("warm", prompt_token_ids=ids, params=GREEDY)
+    src.add_request("warm", prompt_token_ids=ids, params=ONE)
     run(src)
     n, payload = src.export_prefix(ids, None, 0, len(ids) // BS)
     assert n > 2 and tiny.import_prefix(ids, None, 0, payload) == 0
@@ -285,7 +285,7 @@ def test_import_without_room_imports_nothing(make, reference) -> None:
 
 def test_snapshot_matches_the_cache_and_skips_pending_events(make, reference) -> None:
     e = make("snap")
-    e.add_request("a", prompt_token_ids=reference.prompt_ids[PROMPTS[2]], params=GREEDY)
+    e.add_request("a", prompt_token_ids=reference.prompt_ids[PROMPTS[2]], params=ONE)
     run(e)
     seq_before = e.block_manager.pool.event_seq
     hashes, seq = e.snapshot()

@@ -22,6 +22,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+# The scenario runs in a fresh Python process: a driver that already started and stopped a
+# local Ray earlier in this pytest session does not reconnect cleanly to another cluster.
+INNER = os.environ.get("PDSERVE_MULTINODE_INNER") == "1"
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -45,6 +49,20 @@ def _stop(p: subprocess.Popen) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def test_multinode_cluster_in_own_process():
+    if INNER:
+        pytest.skip("this is the outer test")
+    env = {**os.environ, "PDSERVE_MULTINODE_INNER": "1"}
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        f"{__file__}::test_roles_land_on_their_raylets_and_survive_losing_decode"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines()
+             if not ln.startswith(("\x1b[33m(raylet", "\x1b[36m(pid=gcs"))]
+    assert r.returncode == 0, "\n".join(lines[-80:])
+    assert "1 passed" in r.stdout
+
+
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
     port = _free_port()
@@ -53,18 +71,30 @@ def multinode(tmp_path_factory):
     procs = {"head": _start(["--head", f"--port={port}", "--num-cpus=1",
                               "--resources", json.dumps({"head": 1}), "--include-dashboard=false",
                               f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)}
-    time.sleep(3)
-    for role in ("prefill", "decode"):
-        procs[role] = _start([f"--address={address}", "--num-cpus=1",
-                              "--resources", json.dumps({role: 1})], env)
     old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
     try:
-        ray.init(address="auto", namespace="pdserve-multinode")
-        deadline = time.monotonic() + 90
-        while sum(n["Alive"] for n in ray.nodes()) < 3:
-            assert time.monotonic() < deadline, "worker raylets did not join"
-            time.sleep(1)
+        deadline = time.monotonic() + 60
+        while True:  # the head must be up before we connect
+            try:
+                ray.init(address="auto", namespace="pdserve-multinode")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the head did not start"
+                time.sleep(1)
+        # Two raylets on one host: give each its own ports, and start them one
+        # after the other (started together they can race for the same bind).
+        for n_nodes, role in ((2, "prefill"), (3, "decode")):
+            procs[role] = _start([
+                f"--address={address}", "--num-cpus=1", "--resources", json.dumps({role: 1}),
+                # Fixed by default, so two raylets on one host would collide on them:
+                f"--metrics-export-port={_free_port()}",
+                f"--dashboard-agent-listen-port={_free_port()}"], env)
+            deadline = time.monotonic() + 90
+            while sum(n["Alive"] for n in ray.nodes()) < n_nodes:
+                assert procs[role].poll() is None, f"the {role} raylet exited"
+                assert time.monotonic() < deadline, f"the {role} raylet did not join"
+                time.sleep(1)
         yield procs
     finally:
         ray.shutdown()
@@ -81,6 +111,7 @@ def _node_with(resource: str) -> str:
     return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
 
 
+@pytest.mark.skipif(not INNER, reason="run by test_multinode_cluster_in_own_process")
 def test_roles_land_on_their_raylets_and_survive_losing_decode(multinode, smollm2_path):
     from pdserve.cluster.config import ClusterConfig
     from pdserve.cluster.launcher import PDCluster
