@@ -124,7 +124,13 @@ def test_roles_land_on_their_raylets_and_survive_losing_decode(multinode, smollm
         "prefill": {"replicas": 1, "num_cpus": 1, "resources": {"prefill": 1}, "num_blocks": 128},
         "decode": {"replicas": 1, "num_cpus": 1, "resources": {"decode": 1}, "num_blocks": 128},
     })
-    cluster = PDCluster.start(cfg, model_path=smollm2_path)
+    try:
+        cluster = PDCluster.start(cfg, model_path=smollm2_path)
+    except ray.exceptions.ActorDiedError:
+        # Seen only when the whole suite runs before this test on the 2-core CI machine: a
+        # worker actor is cancelled before it starts. One retry; a real fault fails again.
+        time.sleep(5)
+        cluster = PDCluster.start(cfg, model_path=smollm2_path)
     try:
         (p_id,), (d_id,) = cluster.worker_ids("prefill"), cluster.worker_ids("decode")
         assert ray.get(cluster.actor(p_id).node_id.remote()) == _node_with("prefill")
