@@ -1,4 +1,7 @@
-"""A multi-node Ray cluster on one machine: a head and two worker raylets started with
+"""(Kept in tests/_multinode so that it runs before any test that starts a local Ray in the
+same session: after one, the raylets started here fail to start actors; see the closing note.)
+
+A multi-node Ray cluster on one machine: a head and two worker raylets started with
 ``ray start --resources`` for ``prefill`` and ``decode``. pdserve joins it with
 ``address="auto"``, places each role on its raylet, serves a request end to end, and
 survives losing the decode raylet's node.
@@ -70,7 +73,8 @@ def multinode(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": address}
     procs = {"head": _start(["--head", f"--port={port}", "--num-cpus=1",
                               "--resources", json.dumps({"head": 1}), "--include-dashboard=false",
-                              f"--temp-dir={tmp_path_factory.mktemp('ray')}"], env)}
+                              "--object-store-memory=200000000",
+                              ], env)}
     old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
     try:
@@ -87,6 +91,9 @@ def multinode(tmp_path_factory):
         for n_nodes, role in ((2, "prefill"), (3, "decode")):
             procs[role] = _start([
                 f"--address={address}", "--num-cpus=1", "--resources", json.dumps({role: 1}),
+                # Small object stores: three default ones (30% of RAM each) do not fit in
+                # /dev/shm next to what earlier Ray sessions of the suite still hold.
+                "--object-store-memory=200000000",
                 # Fixed by default, so two raylets on one host would collide on them:
                 f"--metrics-export-port={_free_port()}",
                 f"--dashboard-agent-listen-port={_free_port()}"], env)
