@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.workers.quant import KV_INT8, dequantize_kv, quantize_kv
+
+if TYPE_CHECKING:  # no triton import at run time: the module also serves CPU-only installs
+    from pdserve.workers.kernels.prefill_attention import PrefillPlan
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class AttentionMetadata:
     decode_index: torch.Tensor | None = None  # [Bd, max_len] slots, padded
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_len] bool
     decode_splits: int | None = None  # split-KV count of the Triton decode kernel
+    prefill_plan: PrefillPlan | None = None  # tile schedule of the Triton prefill kernel
 
     @property
     def num_seqs(self) -> int:

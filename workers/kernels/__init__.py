@@ -1,1 +1,2 @@
-"""GPU kernels (Triton) for the paged KV cache; imported only on CUDA devices."""
+"""GPU kernels (Triton): paged attention and KV write, fused decoder ops; imported only for
+CUDA tensors (and, in the tests, under the Triton interpreter)."""

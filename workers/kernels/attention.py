@@ -1,53 +1,51 @@
-"""The Triton attention backend: Triton KV write and paged decode, SDPA for prompt chunks."""
+"""The Triton attention backend: Triton KV write, paged prefill/extend and paged decode."""
 
 from __future__ import annotations
 
 import torch
 
-from pdserve.workers.attention import AttentionMetadata, prefill_attention
+from pdserve.workers.attention import AttentionMetadata
 from pdserve.workers.kernels.paged_attention import decode_attention, num_splits_for, write_kv
+from pdserve.workers.kernels.prefill_attention import plan_prefill, prefill_attention
 
 
 class TritonAttention:
     """Same interface and results as :class:`~pdserve.workers.attention.TorchAttention`.
 
-    Decode rows (one query token each) run the split-KV Triton kernel straight over the
-    block table. Multi-token rows run SDPA: over the new k, v when the sequence has no
-    earlier KV (a whole prompt), else over its KV gathered from the blocks.
-    Nothing here reads a device value on the host.
+    The new K/V go into the cache first; then the multi-token rows (prompts, chunks, prefix
+    hits, verification rows) run the prefill kernel and the decode rows (one query token
+    each) the split-KV decode kernel, both straight over the block table. Their schedules
+    come from the metadata's host lists, once per step for all layers; nothing here reads a
+    device value on the host.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # The SM count sizes the decode splits; off CUDA (the Triton interpreter) any will do.
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 4)
 
-    def _prepare(self, meta: AttentionMetadata, device: torch.device, num_kv_heads: int) -> None:
-        if meta.gather_index is not None:
-            return
-        bs = meta.block_size
-        qsl = meta.query_start_loc
-        meta.gather_index = []
-        for i in range(meta.num_prefills):
-            n_kv = meta.seq_lens[i]
-            if qsl[i + 1] - qsl[i] == n_kv:
-                meta.gather_index.append(None)
-                continue
-            pos = torch.arange(n_kv, device=device)
-            meta.gather_index.append(meta.block_tables[i, pos // bs].long() * bs + pos % bs)
+    def _prepare(self, meta: AttentionMetadata, q: torch.Tensor, num_kv_heads: int) -> None:
+        if meta.num_prefills and meta.prefill_plan is None:
+            meta.prefill_plan = plan_prefill(meta.query_start_loc, meta.seq_lens,
+                                             meta.num_prefills, q.shape[1] // num_kv_heads,
+                                             q.shape[2], q.dtype, q.device)
         nd = meta.num_seqs - meta.num_prefills
-        if nd:
+        if nd and meta.decode_splits is None:
             max_len = max(meta.seq_lens[meta.num_prefills:])
             meta.decode_splits = num_splits_for(nd, num_kv_heads, max_len, self.num_sms)
             if meta.seq_lens_tensor is None:
-                meta.seq_lens_tensor = torch.tensor(meta.seq_lens, dtype=torch.int32, device=device)
+                meta.seq_lens_tensor = torch.tensor(meta.seq_lens, dtype=torch.int32,
+                                                    device=q.device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        self._prepare(meta, q.device, kv_cache.shape[3])
+        self._prepare(meta, q, kv_cache.shape[3])
         out = torch.empty_like(q)
-        assert meta.gather_index is not None
-        prefill_attention(q, k, v, kv_cache, meta, scale, out, meta.gather_index)
-        if meta.decode_splits is not None:
+        if meta.num_prefills:
+            assert meta.prefill_plan is not None
+            prefill_attention(q, kv_cache, meta.block_tables, meta.prefill_plan, scale, out)
+        if meta.decode_splits is not None and meta.num_seqs > meta.num_prefills:
             p = meta.num_prefills
             s = meta.query_start_loc[p]
             assert meta.seq_lens_tensor is not None

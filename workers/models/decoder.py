@@ -11,7 +11,7 @@ from torch import nn
 
 from pdserve.workers.attention import AttentionBackend, AttentionMetadata
 from pdserve.workers.models.config import ModelConfig
-from pdserve.workers.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from pdserve.workers.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, rotate_qk
 
 
 class Attention(nn.Module):
@@ -40,7 +40,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin)
         o = backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -53,9 +53,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta, backend):
+        """x: the last layer's output, not yet added to the skip stream ``residual`` (the
+        first layer: the embeddings, residual None). Each add runs inside the next norm,
+        fused on the GPU. Returns (this layer's output, the skip stream)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -83,9 +91,12 @@ class CausalLM(nn.Module):
         """Returns the final hidden states [T, hidden] (call :meth:`logits` on the rows needed)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, cache, meta, backend)
+        if residual is None:
+            return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

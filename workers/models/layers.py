@@ -1,12 +1,42 @@
-"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, MLP."""
+"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, MLP.
+
+On CUDA, where triton imports, the norms, the rotary embedding and the MLP's activation run
+fused Triton kernels (:mod:`pdserve.workers.kernels.fused`) with the same math; elsewhere,
+the PyTorch ops below, which the exactness tests hold to transformers token for token.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def _fused_module() -> ModuleType | None:
+    """The fused kernels, or None where triton does not import (tried once per process)."""
+    try:
+        from pdserve.workers.kernels import fused
+    except ImportError:
+        return None
+    return fused
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """The fused kernels for a tensor on CUDA; None elsewhere (triton is not even imported)."""
+    return _fused_module() if x.is_cuda else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalize in float32, back to the input dtype, then scale (as transformers does)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -16,10 +46,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): a skip connection folded into the next norm."""
+        ops = fused_ops(x)
+        if ops is not None and x.dtype == residual.dtype:
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = residual + x
+        return rms_norm(residual, self.weight, self.eps), residual
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -61,6 +99,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary` of q and k (the fused kernel rotates them in place)."""
+    ops = fused_ops(q)
+    if ops is not None and q.dtype == k.dtype == cos.dtype == sin.dtype:
+        return ops.rotary(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
@@ -69,4 +116,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        ops = fused_ops(gate)
+        if ops is not None and gate.dtype == up.dtype:
+            return self.down_proj(ops.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,126 @@
+"""The engine on a tiny random model with the Triton kernels: the reference's greedy tokens.
+
+On a CUDA GPU with the Triton backend as configured; test_kernels_interp.py runs this file
+again on CPU under the Triton interpreter, the kernels swapped into a CPU engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+gpu_only = pytest.mark.skipif(INTERPRET, reason="the engine runs on CUDA only")
+
+
+class StubTokenizer:
+    """Token ids in, empty text out: enough for prompts given as token ids."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def tiny_model_folder(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from pdserve.workers.models.config import ModelConfig
+    from pdserve.workers.models.decoder import CausalLM
+
+    cfg = dict(model_type="qwen2", vocab_size=512, hidden_size=256, intermediate_size=512,
+               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+               max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+               rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(1234)
+    model = CausalLM(ModelConfig.from_dict(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)  # not flat logits: greedy ties would make the check fragile
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    return tmp
+
+
+def engine(folder: Path, device: str, spec: bool, **kw):
+    from pdserve.workers.config import EngineConfig
+    from pdserve.workers.engine import LLMEngine
+
+    cfg = EngineConfig(model=str(folder), device=device, dtype="float32", num_blocks=512,
+                       max_num_seqs=8, speculative_method="draft" if spec else None,
+                       speculative_draft_model=str(folder) if spec else None,
+                       num_speculative_tokens=3, **kw)
+    return LLMEngine(cfg, model_path=folder, tokenizer=StubTokenizer())
+
+
+def greedy(eng, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
+    from pdserve.workers.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", prompt_token_ids=p, params=sp)
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for c in eng.step():
+            got.setdefault(c.request_id, []).extend(c.token_ids)
+    eng.check_integrity()
+    assert all(len(v) == max_tokens for v in got.values())
+    return got
+
+
+def random_prompts(n: int, max_len: int) -> list[list[int]]:
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, max_len))] for _ in range(n)]
+    return prompts + [prompts[0][:40] + [5, 6, 7]]  # a prefix-cache hit: an extend over cached KV
+
+
+@gpu_only
+@pytest.mark.parametrize(("chunk", "graphs", "spec"),
+                         [(None, True, False), (48, True, False), (None, False, False),
+                          (48, True, True)])
+def test_engine_greedy_triton_equals_torch(tmp_path: Path, chunk, graphs, spec):
+    """Triton attention (decode through CUDA graphs, or eager; prompts in chunks; every
+    decode step a verification row of the model drafting for itself) gives the reference's
+    tokens."""
+    from pdserve.workers.kernels.attention import TritonAttention
+
+    folder = tiny_model_folder(tmp_path)
+    prompts = random_prompts(12, 300)
+    outs = {}
+    for backend in ("torch", "triton"):
+        eng = engine(folder, "cuda", spec, attention_backend=backend, cuda_graphs=graphs,
+                     long_prefill_token_threshold=chunk)
+        assert isinstance(eng.runner.backend, TritonAttention) == (backend == "triton")
+        assert (eng.runner.graphs is not None) == (backend == "triton" and graphs)
+        outs[backend] = greedy(eng, prompts, 40)
+    assert outs["triton"] == outs["torch"]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU, the test above")
+@pytest.mark.parametrize("spec", [False, True])
+def test_interpreted_engine_equals_torch(tmp_path: Path, monkeypatch, spec):
+    """On CPU: the Triton backend and the fused layers swapped into the engine, interpreted,
+    give the reference's tokens (prompts in chunks, a prefix hit, decode or verification
+    rows)."""
+    from pdserve.workers.kernels import fused
+    from pdserve.workers.kernels.attention import TritonAttention
+    from pdserve.workers.models import layers
+
+    folder = tiny_model_folder(tmp_path)
+    prompts = random_prompts(3, 60)
+    ref = greedy(engine(folder, "cpu", spec, long_prefill_token_threshold=24), prompts, 6)
+    eng = engine(folder, "cpu", spec, long_prefill_token_threshold=24)
+    eng.runner.backend = TritonAttention(torch.device("cpu"))
+    monkeypatch.setattr(layers, "fused_ops", lambda x: fused)
+    assert greedy(eng, prompts, 6) == ref
