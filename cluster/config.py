@@ -12,7 +12,11 @@ from pdserve.workers.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.eviction import check_cache_options
 
-TRANSPORTS = ("object_store", "grpc")
+# How a decode worker pulls a prefill's KV blocks: the Ray object store, gRPC frames (a peer
+# outside the cluster), or the collective channel (workers/kv_channel.py: NCCL between GPUs,
+# gloo between CPU workers), which falls back to the object store when it fails. "auto":
+# collective when every worker has a GPU of its own, else the object store.
+TRANSPORTS = ("auto", "object_store", "grpc", "collective")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -82,7 +86,8 @@ class ClusterConfig:
     # The handoff link's bandwidth as the placement cost model sees it; None: estimated from
     # measured handoffs. Fix it where the interconnect is known (and placement must not drift).
     link_bytes_per_s: float | None = None
-    transport: str = "object_store"
+    transport: str = "auto"
+    kv_channel_timeout_s: float = 30.0  # a collective transfer slower than this falls back
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
     # Custom Ray resources for the router and index actors (e.g. {"head": 0.01}) so that
@@ -111,6 +116,8 @@ class ClusterConfig:
                                        f"got {self.quantization!r}")
         if self.transport not in TRANSPORTS:
             raise _bad("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.kv_channel_timeout_s <= 0:
+            raise _bad("kv_channel_timeout_s", f"must be > 0, got {self.kv_channel_timeout_s}")
         if self.lease_seconds <= 0:
             raise _bad("lease_seconds", f"must be > 0, got {self.lease_seconds}")
         if self.direct_max_tokens < 0:
@@ -130,6 +137,19 @@ class ClusterConfig:
                     raise _bad(f"{role}.resources.{k}", f"must be >= 0, got {v}")
         if self.decode.replicas < 1:
             raise _bad("decode.replicas", "at least one decode worker is required")
+
+    def resolved_transport(self) -> str:
+        """The transport the workers use: "auto" is "collective" when there are prefill
+        workers and every worker has a whole GPU (NCCL needs one per rank), else
+        "object_store"."""
+        if self.transport != "auto":
+            return self.transport
+        roles = [r for r in (self.prefill, self.decode) if r.replicas]
+        gpus = self.device.startswith("cuda") and all(r.num_gpus >= 1 for r in roles)
+        return "collective" if gpus and self.prefill.replicas else "object_store"
+
+    def channel_backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
 
     def with_overrides(self, **kwargs: Any) -> ClusterConfig:
         return replace(self, **kwargs)

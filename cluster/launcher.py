@@ -17,6 +17,7 @@ from pdserve.cluster.prefix_index_actor import PrefixIndexActor
 from pdserve.cluster.router import RouterActor, RouterRequest
 from pdserve.workers.actors import EngineWorkerActor
 from pdserve.workers.config import EngineConfig
+from pdserve.workers.kv_channel import ChannelSpec
 from pdserve.workers.outputs import TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,31 @@ def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> Engin
                         speculative_method=cfg.speculative_method if role is cfg.decode else None,
                         num_speculative_tokens=cfg.num_speculative_tokens,
                         speculative_draft_model=cfg.speculative_draft_model)
+
+
+def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> bool:
+    """Join every worker into the KV channel (rank 0's node serves the rendezvous store),
+    then have each decode worker make one empty transfer with each prefill worker. On
+    failure the workers keep the object store (a worker without a channel is never asked
+    to use one); returns whether the channel is up."""
+    ids = list(workers)
+    ranks = {wid: i for i, wid in enumerate(ids)}
+    timeout = config.kv_channel_timeout_s
+    try:
+        host, port = ray.get(workers[ids[0]][1].channel_listen.remote(), timeout=timeout)
+        backend = config.channel_backend()
+        ray.get([workers[w][1].channel_connect.remote(
+            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), ranks) for w in ids],
+            timeout=timeout + 30)
+        sources = {w: a for w, (r, a) in workers.items() if r == "prefill"}
+        ray.get([a.channel_ping.remote(sources) for r, a in workers.values() if r == "decode"],
+                timeout=timeout * (len(sources) + 1))
+    except Exception:
+        logger.warning("the KV channel could not be formed; handoffs use the object store",
+                       exc_info=True)
+        return False
+    logger.info("KV channel up: %d ranks over %s (rank 0 at %s:%d)", len(ids), backend, host, port)
+    return True
 
 
 @dataclass
@@ -75,6 +101,7 @@ class PDCluster:
         head = dict(config.head_resources) or None
         index = PrefixIndexActor.options(name=f"pdserve-index-{suffix}", num_cpus=0,
                                          resources=head).remote()
+        transport = config.resolved_transport()
         workers: dict[str, tuple[str, Any]] = {}
         for role_name in ("prefill", "decode"):
             role: RoleConfig = getattr(config, role_name)
@@ -83,10 +110,12 @@ class PDCluster:
                 actor = EngineWorkerActor.options(
                     name=wid, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
                     resources=dict(role.resources) or None,
-                ).remote(engine_config(config, role, wid), role_name, index, config.transport,
+                ).remote(engine_config(config, role, wid), role_name, index, transport,
                          config.lease_seconds, model_path, config.server.host)
                 workers[wid] = (role_name, actor)
         ray.get([a.start.remote() for _, a in workers.values()])
+        if transport == "collective":
+            form_channel(config, workers)
         router = RouterActor.options(name=f"pdserve-router-{suffix}", num_cpus=0,
                                      resources=head).remote(
             config, model_path, workers, index)

@@ -13,12 +13,18 @@ from typing import Any
 import numpy as np
 import ray
 
-from pdserve.workers import kv_grpc
+from pdserve.workers import kv_channel, kv_grpc
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.disagg_engine import SeqState
 from pdserve.workers.kv_transfer import KVHandle, KVPayload
 from pdserve.workers.outputs import TokenChunk
-from pdserve.workers.worker import GenerateRequest, PrefillResult, Worker, WorkerLoad
+from pdserve.workers.worker import (
+    GenerateRequest,
+    HandoffStats,
+    PrefillResult,
+    Worker,
+    WorkerLoad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class EngineWorkerActor:
         self._faults: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._grpc_server = None
+        self._channel_store = None  # rank 0 of the KV channel: its rendezvous store
         # One push at a time: batches reach the index in seq order, and flush_events waits
         # for a push the background pusher has in flight.
         self._push_lock = asyncio.Lock()
@@ -56,7 +63,7 @@ class EngineWorkerActor:
         loop = asyncio.get_running_loop()
         self.worker = await loop.run_in_executor(None, lambda: Worker(
             self._config, self.role, lease_seconds=self._lease_seconds,
-            grpc_address=address, model_path=self._model_path))
+            grpc_address=address, model_path=self._model_path, transport=self.transport))
         if self.index is not None:
             self._tasks.append(asyncio.create_task(self._push_events()))
         return self._config.worker_id
@@ -83,8 +90,13 @@ class EngineWorkerActor:
             if source is not None:
                 await source.release.remote(h.lease_id)
 
+        async def ask(h: KVHandle, start: int, tid: int) -> int:
+            return await source.send_lease.remote(h.lease_id, start, self.worker.channel.rank, tid)
+
+        channel = self.transport == "collective" and source is not None
         async for chunk in self.worker.decode(state, handle, pull if source or handle else None,
-                                              release if source is not None else None):
+                                              release if source is not None else None,
+                                              ask if channel else None):
             yield chunk
 
     async def _import_prefix(self, req: GenerateRequest, source: Any, have: int, want: int) -> None:
@@ -114,6 +126,39 @@ class EngineWorkerActor:
     async def release(self, lease_id: str) -> bool:
         return await self.worker.release(lease_id)
 
+    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
+                         transfer_id: int) -> int:
+        """Send a lease's blocks to ``peer`` over the KV channel (it is receiving them)."""
+        if self._faults.get("channel_header", 0) > 0:
+            self._faults["channel_header"] -= 1
+            transfer_id += 1  # a header for another transfer: the receiver must refuse it
+        corrupt = self._faults.get("corrupt_channel", 0) > 0
+        if corrupt:
+            self._faults["corrupt_channel"] -= 1
+        return await self.worker.send_lease(lease_id, start_block, peer, transfer_id, corrupt)
+
+    # -- the collective KV channel (transport "collective") ------------------------------
+    def channel_listen(self) -> tuple[str, int]:
+        """Rank 0: open the channel's rendezvous store on a free port of this node."""
+        host = ray.util.get_node_ip_address()
+        self._channel_store, port = kv_channel.listen(host)
+        return host, port
+
+    async def channel_connect(self, spec: kv_channel.ChannelSpec, ranks: dict[str, int]) -> None:
+        """Join the channel (every rank at once: gloo connects all pairs here)."""
+        host = ray.util.get_node_ip_address()
+        channel = await asyncio.get_running_loop().run_in_executor(None, lambda: kv_channel.KVChannel(
+            spec, self.worker.engine.device, self._channel_store, host))
+        self.worker.channel, self.worker.channel_ranks = channel, dict(ranks)
+
+    async def channel_ping(self, sources: dict[str, Any]) -> None:
+        """An empty transfer from each source (prefill) worker, one after another (NCCL
+        forms a pair's communicator on its first transfer: not during a request)."""
+        w = self.worker
+        for wid, actor in sources.items():
+            await w.channel.pull(w.channel_ranks[wid], w.engine.layout, 0, lambda tid, a=actor:
+                                 a.send_lease.remote(None, 0, w.channel.rank, tid))
+
     def _maybe_corrupt(self, payload: KVPayload) -> KVPayload:
         if self._faults.get("corrupt_export", 0) > 0 and payload.num_blocks:
             self._faults["corrupt_export"] -= 1
@@ -124,8 +169,10 @@ class EngineWorkerActor:
 
     def inject_fault(self, kind: str, count: int = 1) -> None:
         """Test hook: a deliberate fault for the next ``count`` exports: ``corrupt_export``
-        (one byte flipped after the checksums) or ``delay_export`` (FAULT_DELAY_S late)."""
-        if kind not in ("corrupt_export", "delay_export"):
+        (one byte flipped after the checksums), ``delay_export`` (FAULT_DELAY_S late), or
+        for channel sends ``corrupt_channel`` (a byte flipped after the digest) and
+        ``channel_header`` (the header names another transfer)."""
+        if kind not in ("corrupt_export", "delay_export", "corrupt_channel", "channel_header"):
             raise ValueError(f"unknown fault {kind!r}")
         self._faults[kind] = count
 
@@ -133,6 +180,10 @@ class EngineWorkerActor:
     def handoff_log(self) -> list[tuple[str, int, float, bool]]:
         """(request id, bytes pulled, seconds for reserve + pull + release, recomputed)."""
         return list(self.worker.handoff_log)
+
+    def handoffs(self) -> list[tuple[str, HandoffStats]]:
+        """(request id, stats with the transport that brought the blocks), oldest first."""
+        return list(self.worker.handoffs)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -1,7 +1,8 @@
 """The engine's prefill/decode side: leases on a prefill's blocks, export and import of
 blocks, and admission of a request whose prompt KV was computed elsewhere.
 
-Everything here runs on the engine thread; the worker wraps it for asyncio.
+Everything here runs on the engine thread (except ``outgoing``, see there); the worker wraps
+it for asyncio.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import torch
 from pdserve.workers.block_manager import hash_block
 from pdserve.workers.engine import LLMEngine
 from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError
-from pdserve.workers.kv_transfer import KVHandle, KVPayload, layout_of, pack_blocks, unpack_blocks
+from pdserve.workers.kv_transfer import (
+    DeviceBlocks,
+    KVHandle,
+    KVPayload,
+    Outgoing,
+    layout_of,
+    pack_blocks,
+    unpack_blocks,
+    write_blocks,
+)
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.sequence import Sequence, SequenceStatus
 
@@ -115,11 +125,28 @@ class DisaggEngine(LLMEngine):
     def lease_for(self, request_id: str) -> Lease | None:
         return self.leases.get(f"{self.config.worker_id}:{request_id}")
 
-    def export_lease(self, lease_id: str, start_block: int = 0) -> KVPayload:
+    def lease_blocks(self, lease_id: str, start_block: int = 0) -> list[int]:
         lease = self.leases.get(lease_id)
         if lease is None:
             raise KeyError(f"lease {lease_id} is unknown, released or expired")
-        return pack_blocks(self.runner.kv_caches, lease.block_ids[start_block:])
+        return lease.block_ids[start_block:]
+
+    def export_lease(self, lease_id: str, start_block: int = 0) -> KVPayload:
+        return pack_blocks(self.runner.kv_caches, self.lease_blocks(lease_id, start_block))
+
+    def outgoing(self, lease_id: str | None, start_block: int = 0) -> Outgoing:
+        """A lease's blocks gathered for the KV channel (``lease_id`` None: none, a ping).
+
+        The one method that runs off the engine thread (on the channel's send thread, so a
+        send does not wait for the current step): a lease's blocks are pinned and written no
+        more, and their writes ended before the lease existed. A lease id is never reused, so
+        if the lease is still there after the copy, it was there all along."""
+        try:
+            ids = [] if lease_id is None else self.lease_blocks(lease_id, start_block)
+        except KeyError:
+            return Outgoing(self.layout, None)
+        out = Outgoing.gather(self.layout, self.runner.kv_caches, ids)
+        return out if lease_id is None or lease_id in self.leases else Outgoing(self.layout, None)
 
     def release_lease(self, lease_id: str) -> bool:
         lease = self.leases.pop(lease_id, None)
@@ -221,8 +248,8 @@ class DisaggEngine(LLMEngine):
         self.reserved[rid] = seq
         return len(hits)
 
-    def complete(self, request_id: str, start_block: int, payload: KVPayload | None,
-                 num_kv_tokens: int) -> bool:
+    def complete(self, request_id: str, start_block: int,
+                 payload: KVPayload | DeviceBlocks | None, num_kv_tokens: int) -> bool:
         """Write pulled blocks and start decoding; with ``payload=None`` recompute instead
         (unless every block was already a prefix hit here). False if aborted meanwhile."""
         seq = self.reserved.pop(request_id, None)
@@ -231,7 +258,7 @@ class DisaggEngine(LLMEngine):
         written = start_block >= len(seq.block_table)  # every block was a prefix hit here
         if payload is not None and not written:
             try:
-                unpack_blocks(self.runner.kv_caches, seq.block_table[start_block:], payload)
+                write_blocks(self.runner.kv_caches, seq.block_table[start_block:], payload)
                 written = True
             except Exception:
                 logger.warning("request %s: KV import failed; recomputing", request_id, exc_info=True)

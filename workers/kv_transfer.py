@@ -1,5 +1,6 @@
 """KV handoff between workers: the handle, contiguous packing with per-block checksums,
-and msgpack framing for the gRPC transport.
+msgpack framing for the gRPC transport, and the device-side gather/scatter of the collective
+channel (workers/kv_channel.py).
 
 States of a handoff (the prefill side owns the lease)::
 
@@ -54,6 +55,12 @@ class KVLayout:
         the 4 bytes of the row's float32 scale (which travel with it, see workers/quant.py)."""
         return kv_head_width(self.head_dim, _DTYPES[self.dtype])
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across every layer, K and V."""
+        elem = torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_width * elem
+
 
 @dataclass(frozen=True, slots=True)
 class KVHandle:
@@ -70,9 +77,7 @@ class KVHandle:
 
     @property
     def bytes_per_block(self) -> int:
-        lay = self.layout
-        elem = torch.empty((), dtype=_DTYPES[lay.dtype]).element_size()
-        return 2 * lay.num_layers * lay.block_size * lay.num_kv_heads * lay.head_width * elem
+        return self.layout.block_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,119 @@ def unpack_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], payload: 
     t = t.to(kv_caches[0].device)
     for layer, cache in enumerate(kv_caches):
         cache.index_copy_(1, idx, t[:, layer].transpose(0, 1))
+
+
+# -- device-side packing (the collective channel) ----------------------------------
+
+RUN_COPY_MAX = 2  # up to this many runs of consecutive ids: slice copies; more: index_select
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBlocks:
+    """Blocks received over the collective channel, still where they landed (the GPU for
+    NCCL); the channel has checked their header and digest. data: [layers, 2, n, block_size,
+    kv_heads, head_width] in the cache dtype (an int8 cache's scales inside its rows)."""
+
+    layout: KVLayout
+    data: torch.Tensor
+    wire_seconds: float = 0.0  # header arrived -> last byte arrived
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, in order: [3, 4, 5, 9, 2] ->
+    [(3, 3), (9, 1), (2, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def gather_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
+    """``block_ids`` of every layer into one new contiguous tensor [layers, 2, n, ...] on the
+    caches' device: a slice copy per run and layer when the ids form few runs, else one
+    index_select per layer (a copy per run would cost more kernel launches)."""
+    c0 = kv_caches[0]
+    out = torch.empty((len(kv_caches), 2, len(block_ids), *c0.shape[2:]), dtype=c0.dtype,
+                      device=c0.device)
+    runs = block_runs(block_ids)
+    if len(runs) <= RUN_COPY_MAX:
+        off = 0
+        for start, n in runs:
+            for layer, cache in enumerate(kv_caches):
+                out[layer, :, off:off + n].copy_(cache[:, start:start + n])
+            off += n
+    elif block_ids:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=c0.device)
+        for layer, cache in enumerate(kv_caches):
+            torch.index_select(cache, 1, idx, out=out[layer])
+    return out
+
+
+def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], data: torch.Tensor) -> None:
+    """The inverse of :func:`gather_blocks`: ``data[layer, :, i]`` into block ``block_ids[i]``."""
+    if data.is_cuda:  # received on the channel's stream, read on this one
+        data.record_stream(torch.cuda.current_stream(data.device))
+    runs = block_runs(block_ids)
+    if len(runs) <= RUN_COPY_MAX:
+        off = 0
+        for start, n in runs:
+            for layer, cache in enumerate(kv_caches):
+                cache[:, start:start + n].copy_(data[layer, :, off:off + n])
+            off += n
+    elif block_ids:
+        idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+        for layer, cache in enumerate(kv_caches):
+            cache.index_copy_(1, idx, data[layer])
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One channel send's blocks, gathered into one buffer; ``data`` None: no such lease."""
+
+    layout: KVLayout
+    data: torch.Tensor | None
+    digest: int = 0
+
+    @classmethod
+    def gather(cls, layout: KVLayout, kv_caches: list[torch.Tensor], block_ids: list[int]) -> Outgoing:
+        data = gather_blocks(kv_caches, block_ids)
+        return cls(layout, data, digest(data))  # digest's .item() waits for the gather
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+
+def digest(t: torch.Tensor) -> int:
+    """Sum of the bytes as int32 words (bytes if they do not divide): one cheap reduction on
+    the device, changed by any flipped bit. Order is the header's job, not this one's."""
+    flat = t.reshape(-1).view(torch.uint8)
+    words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
+    return int(words.sum(dtype=torch.int64).item()) if flat.numel() else 0
+
+
+def write_blocks(kv_caches: list[torch.Tensor], block_ids: list[int],
+                 payload: KVPayload | DeviceBlocks) -> None:
+    """Write pulled blocks into ``block_ids``, whichever transport brought them."""
+    if isinstance(payload, KVPayload):
+        unpack_blocks(kv_caches, block_ids, payload)
+        return
+    if payload.layout != layout_of(kv_caches):
+        raise KVTransferError(f"layout mismatch: got {payload.layout}, cache is {layout_of(kv_caches)}")
+    if len(block_ids) != payload.num_blocks:
+        raise KVTransferError(f"{payload.num_blocks} blocks sent for {len(block_ids)} slots")
+    scatter_blocks(kv_caches, block_ids, payload.data.to(kv_caches[0].device))
 
 
 # -- msgpack frames (gRPC transport) -----------------------------------------------

@@ -13,18 +13,29 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
+import torch
+
 from pdserve.workers.async_engine import AsyncEngine
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.disagg_engine import DisaggEngine, SeqState
 from pdserve.workers.errors import RequestAbortedError
+from pdserve.workers.kv_channel import KVChannel, KVChannelError
 from pdserve.workers.kv_events import KVEventBatch
-from pdserve.workers.kv_transfer import KVHandle, KVPayload, KVTransferError
+from pdserve.workers.kv_transfer import (
+    DeviceBlocks,
+    KVHandle,
+    KVPayload,
+    KVTransferError,
+    Outgoing,
+)
 from pdserve.workers.outputs import TokenChunk, Usage
 from pdserve.workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 PullFn = Callable[[KVHandle, int], Awaitable[KVPayload]]
+# (handle, start block, transfer id): make the source send over the channel; ends when sent.
+AskFn = Callable[[KVHandle, int, int], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +82,16 @@ class HandoffStats:
     bytes: int
     seconds: float
     recomputed: bool
+    via: str = ""  # "collective", "object_store", "grpc", "cached" (all hits) or "recompute"
+    wire_seconds: float = 0.0  # collective: the data's own time on the link
 
 
 class Worker:
     def __init__(self, config: EngineConfig, role: str, *, lease_seconds: float = 30.0,
-                 grpc_address: str | None = None, model_path: str | None = None) -> None:
+                 grpc_address: str | None = None, model_path: str | None = None,
+                 transport: str = "object_store") -> None:
         self.role = role
+        self.pull_via = "grpc" if transport == "grpc" else "object_store"
         self.worker_id = config.worker_id
         self.engine = DisaggEngine(config, model_path, lease_seconds=lease_seconds,
                                    grpc_address=grpc_address)
@@ -85,7 +100,11 @@ class Worker:
         self._decode_step_s = 0.05
         self.last_handoff: HandoffStats | None = None
         self.handoff_log: deque[tuple[str, int, float, bool]] = deque(maxlen=4096)
-        self.num_corrupt_pulls = 0  # pulls whose blocks failed their checksums
+        self.handoffs: deque[tuple[str, HandoffStats]] = deque(maxlen=4096)
+        self.num_corrupt_pulls = 0  # pulls whose blocks failed their checksums (or digest)
+        self.channel: KVChannel | None = None
+        self.channel_ranks: dict[str, int] = {}  # worker id -> rank in the channel
+        self.num_channel_failures = 0
 
     # -- whole requests on this worker (colocated / direct path) ------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -136,6 +155,26 @@ class Worker:
     async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
         return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
 
+    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
+                         transfer_id: int, corrupt: bool = False) -> int:
+        """The source side of a channel pull; returns the bytes sent. ``lease_id`` None: an
+        empty transfer (a ping). ``corrupt`` (a test hook) flips a byte after the digest."""
+        if self.channel is None:
+            raise KVChannelError("this worker has no KV channel", peer, broken=True)
+
+        def make() -> Outgoing:  # on the channel's send thread for ``peer``
+            try:
+                out = self.engine.outgoing(lease_id, start_block)
+            except Exception:  # still answer: the receiver must not wait for its deadline
+                logger.warning("lease %s: gather for the KV channel failed", lease_id,
+                               exc_info=True)
+                return Outgoing(self.engine.layout, None)
+            if corrupt and out.nbytes:
+                out.data.view(-1).view(torch.uint8)[out.nbytes // 2] ^= 0xFF
+            return out
+
+        return await asyncio.wrap_future(self.channel.send(peer, transfer_id, make))
+
     async def release(self, lease_id: str) -> bool:
         return await self.aengine.acall(lambda e: e.release_lease(lease_id))
 
@@ -151,18 +190,20 @@ class Worker:
 
     # -- decode role -----------------------------------------------------------------
     async def decode(self, state: SeqState, handle: KVHandle | None, pull: PullFn | None,
-                     release: Callable[[KVHandle], Awaitable[object]] | None = None
-                     ) -> AsyncIterator[TokenChunk]:
+                     release: Callable[[KVHandle], Awaitable[object]] | None = None,
+                     ask: AskFn | None = None) -> AsyncIterator[TokenChunk]:
         """Admit a handed-off request, pull its blocks, release the lease, stream tokens.
 
-        Without a handle (or if every pull fails) the request is recomputed here: never
-        a wrong answer. Refusal (no room) raises OutOfBlocksError and leaves the lease to
-        the caller, who may hand it to another decode worker. An abort that lands during
-        the pull ends the stream with an "abort" chunk.
+        With ``ask`` and a channel to the source the blocks come over the channel, else (or
+        if that fails) through ``pull``. Without a handle (or if every pull fails) the
+        request is recomputed here: never a wrong answer. Refusal (no room) raises
+        OutOfBlocksError and leaves the lease to the caller, who may hand it to another
+        decode worker. An abort that lands during the pull ends the stream with an "abort"
+        chunk.
         """
         rid = state.request_id
         t0 = time.monotonic()
-        payload: KVPayload | None = None
+        payload: KVPayload | DeviceBlocks | None = None
         start_block = 0
         if handle is not None:
             try:
@@ -171,7 +212,9 @@ class Worker:
                 self.aengine.abort(rid)  # the inbox is FIFO: this frees the reservation
                 raise
             try:
-                if start_block < handle.num_blocks and pull is not None:
+                if start_block < handle.num_blocks and ask is not None:
+                    payload = await self._pull_channel(handle, start_block, ask)
+                if start_block < handle.num_blocks and pull is not None and payload is None:
                     payload = await self._pull_verified(handle, start_block, pull)
             except asyncio.CancelledError:
                 self.aengine.abort(rid)
@@ -184,8 +227,12 @@ class Worker:
                         logger.warning("request %s: lease release failed", rid, exc_info=True)
             ok = payload is not None or start_block >= handle.num_blocks
             nbytes = payload.nbytes if payload is not None else 0
-            self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok)
+            via = ("collective" if isinstance(payload, DeviceBlocks) else self.pull_via
+                   if payload is not None else "cached" if ok else "recompute")
+            wire = payload.wire_seconds if isinstance(payload, DeviceBlocks) else 0.0
+            self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok, via, wire)
             self.handoff_log.append((rid, nbytes, self.last_handoff.seconds, not ok))
+            self.handoffs.append((rid, self.last_handoff))
             sent = payload if ok else None
 
             def start(e: DisaggEngine) -> None:
@@ -200,6 +247,22 @@ class Worker:
             usage = Usage(state.num_prompt_tokens, len(state.token_ids) - state.num_prompt_tokens,
                           state.num_cached_tokens)
             yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage)
+
+    async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
+                            ) -> DeviceBlocks | None:
+        """One try over the channel; None (after logging why) sends the caller to ``pull``."""
+        ch, peer = self.channel, self.channel_ranks.get(handle.worker_id)
+        if ch is None or peer is None or not ch.usable(peer) or handle.layout != self.engine.layout:
+            return None
+        try:
+            return await ch.pull(peer, handle.layout, handle.num_blocks - start_block,
+                                 lambda tid: ask(handle, start_block, tid))
+        except KVChannelError as e:
+            self.num_channel_failures += 1
+            self.num_corrupt_pulls += e.corrupt
+            logger.warning("request %s: KV channel pull failed (%s); using %s",
+                           handle.request_id, e, self.pull_via)
+            return None
 
     async def _pull_verified(self, handle: KVHandle, start_block: int, pull: PullFn) -> KVPayload | None:
         """Pull with one retry; the checksums are verified again when the blocks are written."""
@@ -254,7 +317,8 @@ class Worker:
                     "expired_leases": e.num_expired_leases, "owners": bm.owners(),
                     "spec_proposed": e.spec.num_proposed if e.spec else 0,
                     "spec_accepted": e.spec.num_accepted if e.spec else 0,
-                    "corrupt_pulls": self.num_corrupt_pulls}
+                    "corrupt_pulls": self.num_corrupt_pulls,
+                    "channel_failures": self.num_channel_failures}
 
         return await self.aengine.acall(read)
 
@@ -275,4 +339,6 @@ class Worker:
             yield chunk
 
     def shutdown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
         self.aengine.shutdown()

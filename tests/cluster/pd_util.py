@@ -113,3 +113,40 @@ def assert_clean(cluster: Any, timeout: float = 60.0) -> dict[str, dict]:
         assert s["leases"] == 0 and s["owners"] == [], (wid, s)
     assert all(ray.get([cluster.actor(w).check_integrity.remote() for w in stats], timeout=30))
     return stats
+
+
+def handoff_vias(cluster: Any, role: str = "decode") -> dict[str, str]:
+    """request id -> the transport that brought its blocks ("collective", "object_store", ...),
+    over every live worker of ``role``."""
+    out: dict[str, str] = {}
+    for w in live_workers(cluster, role):
+        out.update({rid: st.via for rid, st in ray.get(cluster.actor(w).handoffs.remote(), timeout=30)})
+    return out
+
+
+def tiny_random_model(folder: Any, vocab_size: int = 512, **config: Any) -> Any:
+    """A random-weight llama folder with a word-level tokenizer ("t0".."t<vocab-1>"), needing
+    no download: for runs where the embedded model is not installed (the GPU machine)."""
+    from pathlib import Path
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    cfg = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg.update(config)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg), dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init: logits are not flat, greedy is stable
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(folder)
+    return folder

@@ -1,0 +1,316 @@
+"""The collective KV channel (workers/kv_channel.py) over gloo, without Ray: ranks are threads
+of this process (each with its own process group and TCP pairs), and one test puts the sender
+in a second process. Caches are random tensors in the engine's layout, the int8 one with its
+scales inside the rows."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from pdserve.workers.kv_channel import ChannelSpec, KVChannel, KVChannelError, listen
+from pdserve.workers.kv_transfer import (
+    RUN_COPY_MAX,
+    Outgoing,
+    block_runs,
+    gather_blocks,
+    layout_of,
+    scatter_blocks,
+    write_blocks,
+)
+from pdserve.workers.quant import quantize_kv
+
+LAYERS, BLOCKS, BS, HEADS, DIM = 3, 16, 4, 2, 8
+DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+
+
+def caches(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(2, BLOCKS, BS, HEADS, DIM, generator=g) for _ in range(LAYERS)]
+    return [quantize_kv(c) if dtype == torch.int8 else c.to(dtype) for c in x]
+
+
+def blocks_of(kv: list[torch.Tensor], ids: list[int]) -> list[torch.Tensor]:
+    return [c[:, ids].clone() for c in kv]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Bit for bit (bf16 and the int8 rows' scale bytes included)."""
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b, strict=True))
+
+
+def open_channels(world: int, timeout_s: float = 10.0) -> list[KVChannel]:
+    store, port = listen("127.0.0.1")
+    out: list[KVChannel | None] = [None] * world
+
+    def join(rank: int) -> None:
+        spec = ChannelSpec(rank, world, "127.0.0.1", port, "gloo", timeout_s)
+        out[rank] = KVChannel(spec, "cpu", store if rank == 0 else None, "127.0.0.1")
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(out), "a rank did not join"
+    return out  # type: ignore[return-value]
+
+
+@pytest.fixture
+def pair():
+    chans = open_channels(2)
+    yield chans
+    for c in chans:
+        c.close()
+
+
+def asker(sender: KVChannel, to: int, kv: list[torch.Tensor], ids: list[int] | None,
+          tid_shift: int = 0):
+    """What the source actor's send_lease does: gather, then send on the peer's thread."""
+    def make() -> Outgoing:
+        return (Outgoing.gather(layout_of(kv), kv, ids) if ids is not None
+                else Outgoing(layout_of(kv), None))
+
+    async def ask(tid: int) -> int:
+        return await asyncio.wrap_future(sender.send(to, tid + tid_shift, make))
+    return ask
+
+
+# -- gather / scatter -----------------------------------------------------------------------------
+def test_runs_of_consecutive_block_ids_are_merged() -> None:
+    assert block_runs([3, 4, 5, 9, 10, 2]) == [(3, 3), (9, 2), (2, 1)]
+    assert block_runs([]) == [] and block_runs([7]) == [(7, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids", [[4, 5, 6, 7], [9, 10, 2, 3], [7, 2, 9, 3, 11, 0]])
+def test_gather_then_scatter_moves_exactly_the_named_blocks(dtype, ids) -> None:
+    assert (len(block_runs(ids)) <= RUN_COPY_MAX) == (len(ids) == 4)  # both code paths
+    src, dst = caches(dtype, 1), caches(dtype, 2)
+    before = [c.clone() for c in dst]
+    data = gather_blocks(src, ids)
+    assert data.shape == (LAYERS, 2, len(ids), BS, HEADS, src[0].shape[-1]) and data.is_contiguous()
+    slots = [15, 1, 12, 13, 14, 8][: len(ids)]
+    scatter_blocks(dst, slots, data)
+    assert same(blocks_of(dst, slots), blocks_of(src, ids))
+    rest = [b for b in range(BLOCKS) if b not in slots]
+    assert same(blocks_of(dst, rest), blocks_of(before, rest))
+
+
+# -- transfers between two ranks -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_transfer_is_bit_exact(pair, dtype) -> None:
+    recv, send = pair
+    src, dst = caches(dtype, 1), caches(dtype, 2)
+    ids, slots = [3, 4, 5, 11, 0], [8, 9, 10, 1, 2]
+    lay = layout_of(src)
+    got = asyncio.run(recv.pull(1, lay, len(ids), asker(send, 0, src, ids)))
+    assert got.num_blocks == len(ids) and got.nbytes == len(ids) * lay.block_bytes
+    write_blocks(dst, slots, got)
+    assert same(blocks_of(dst, slots), blocks_of(src, ids))
+    if dtype == torch.int8:  # the scale bytes arrived with their rows
+        assert lay.head_width == DIM + 4 and torch.equal(dst[0][:, 8, :, :, DIM:],
+                                                         src[0][:, 3, :, :, DIM:])
+
+
+def test_a_header_for_another_transfer_breaks_the_pair(pair) -> None:
+    recv, send = pair
+    src = caches()
+    with pytest.raises(KVChannelError, match="another transfer") as e:
+        asyncio.run(recv.pull(1, layout_of(src), 2, asker(send, 0, src, [1, 2], tid_shift=1)))
+    assert e.value.broken and not recv.usable(1)
+    t = time.monotonic()
+    with pytest.raises(KVChannelError, match="closed"):  # refused at once, no hang
+        asyncio.run(recv.pull(1, layout_of(src), 2, asker(send, 0, src, [1, 2])))
+    assert time.monotonic() - t < 1
+
+
+@pytest.mark.parametrize("what", ["dtype", "blocks"])
+def test_a_layout_or_size_mismatch_is_refused(pair, what) -> None:
+    recv, send = pair
+    src = caches(torch.bfloat16 if what == "dtype" else torch.float32)
+    want = layout_of(caches())
+    with pytest.raises(KVChannelError, match="expected") as e:
+        asyncio.run(recv.pull(1, want, 3 if what == "blocks" else 2, asker(send, 0, src, [1, 2])))
+    assert e.value.broken
+
+
+def test_a_flipped_byte_is_caught_and_the_pair_stays_in_step(pair) -> None:
+    recv, send = pair
+    src, dst = caches(torch.int8, 1), caches(torch.int8, 2)
+    lay = layout_of(src)
+
+    def make() -> Outgoing:
+        out = Outgoing.gather(lay, src, [5, 6])
+        out.data.view(-1).view(torch.uint8)[17] ^= 0x04  # after the digest was taken
+        return out
+
+    async def corrupted(tid: int) -> int:
+        return await asyncio.wrap_future(send.send(0, tid, make))
+
+    with pytest.raises(KVChannelError, match="digest") as e:
+        asyncio.run(recv.pull(1, lay, 2, corrupted))
+    assert e.value.corrupt and not e.value.broken and recv.usable(1)
+    got = asyncio.run(recv.pull(1, lay, 2, asker(send, 0, src, [5, 6])))
+    write_blocks(dst, [0, 1], got)
+    assert same(blocks_of(dst, [0, 1]), blocks_of(src, [5, 6]))
+
+
+def test_an_unknown_lease_is_reported_and_the_pair_stays_in_step(pair) -> None:
+    recv, send = pair
+    src = caches()
+    with pytest.raises(KVChannelError, match="no such lease") as e:
+        asyncio.run(recv.pull(1, layout_of(src), 2, asker(send, 0, src, None)))
+    assert not e.value.broken and recv.usable(1)
+    got = asyncio.run(recv.pull(1, layout_of(src), 1, asker(send, 0, src, [9])))
+    assert torch.equal(got.data[:, :, 0], torch.stack([c[:, 9] for c in src]))
+
+
+def test_a_cancelled_pull_finishes_before_the_next_one_starts(pair) -> None:
+    """The caller goes away while the source is still gathering: the transfer must still
+    land (and be dropped), so that the next transfer reads its own header, not this one's."""
+    recv, send = pair
+    src = caches()
+    lay = layout_of(src)
+    plain = asker(send, 0, src, [1, 2])
+
+    async def slow(tid: int) -> int:
+        await asyncio.sleep(0.3)
+        return await plain(tid)
+
+    async def go():
+        first = asyncio.create_task(recv.pull(1, lay, 2, slow))
+        await asyncio.sleep(0.05)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await recv.pull(1, lay, 1, asker(send, 0, src, [7]))
+
+    got = asyncio.run(go())
+    assert torch.equal(got.data[:, :, 0], torch.stack([c[:, 7] for c in src]))
+    assert recv.usable(1)
+
+
+# -- several ranks, concurrent transfers, failures ------------------------------------------------
+def test_concurrent_transfers_from_two_sources_land_where_they_belong() -> None:
+    chans = open_channels(3)  # ranks 0 and 1 send, rank 2 receives
+    try:
+        kv = {0: caches(torch.int8, 10), 1: caches(torch.int8, 11)}
+        lay = layout_of(kv[0])
+        rng = random.Random(0)
+        jobs = [(r, rng.sample(range(BLOCKS), rng.randint(1, 6))) for r in (0, 1) for _ in range(5)]
+        rng.shuffle(jobs)
+        done_at: dict[int, float] = {}
+
+        async def ask_after(src: int, ids: list[int], delay: float, tid: int) -> int:
+            await asyncio.sleep(delay)  # asks arrive out of order and interleaved
+            return await asker(chans[src], 2, kv[src], ids)(tid)
+
+        async def one(i: int, src: int, ids: list[int]):
+            delay = 0.4 if i == 0 else rng.random() * 0.02
+            got = await chans[2].pull(src, lay, len(ids), lambda tid: ask_after(src, ids, delay, tid))
+            done_at[i] = time.monotonic()
+            return got
+
+        async def go():
+            return await asyncio.gather(*(one(i, s, ids) for i, (s, ids) in enumerate(jobs)))
+
+        results = asyncio.run(go())
+        for (src, ids), got in zip(jobs, results, strict=True):
+            assert got.num_blocks == len(ids)
+            assert same([got.data[layer] for layer in range(LAYERS)], blocks_of(kv[src], ids))
+        # The slow first transfer holds up its own pair only, not the other source's.
+        other = [i for i, (s, _) in enumerate(jobs) if s != jobs[0][0]]
+        assert max(done_at[i] for i in other) < done_at[0]
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_a_silent_source_times_out_and_closes_the_receivers_channel() -> None:
+    """A deadline passed: gloo has closed every pair of the rank, so the whole channel of
+    the receiver is out of use (and says so at once); the other ranks' pairs still work."""
+    chans = open_channels(3, timeout_s=1.0)
+    try:
+        src = caches()
+        lay = layout_of(src)
+
+        async def never(tid: int) -> None:  # the source took the ask and sent nothing
+            return None
+
+        t = time.monotonic()
+        with pytest.raises(KVChannelError) as e:
+            asyncio.run(chans[2].pull(0, lay, 2, never))
+        assert e.value.broken and 0.9 < time.monotonic() - t < 5
+        assert not chans[2].usable(0) and not chans[2].usable(1)
+        got = asyncio.run(chans[1].pull(0, lay, 2, asker(chans[0], 1, src, [3, 4])))
+        assert same([got.data[layer] for layer in range(LAYERS)], blocks_of(src, [3, 4]))
+    finally:
+        for c in chans:
+            c.close()
+
+
+def test_a_source_that_fails_to_send_breaks_the_pair_without_waiting(pair) -> None:
+    recv, _ = pair
+
+    async def dead(tid: int) -> None:
+        raise ConnectionError("source actor died")
+
+    t = time.monotonic()
+    with pytest.raises(KVChannelError, match="did not send") as e:
+        asyncio.run(recv.pull(1, layout_of(caches()), 2, dead))
+    assert e.value.broken and time.monotonic() - t < 2  # not the 10 s timeout
+
+
+# -- a second process -------------------------------------------------------------------------
+def _serve(port: int, asks: mp.Queue, done: mp.Queue) -> None:
+    """Rank 1 in its own process: answer each (transfer id, block ids) with a send."""
+    torch.set_num_threads(1)
+    ch = KVChannel(ChannelSpec(1, 2, "127.0.0.1", port, "gloo", 20.0), "cpu")
+    kv = caches(torch.int8, 42)
+    while (job := asks.get()) is not None:
+        tid, ids = job
+        done.put(ch.send(0, tid, lambda ids=ids: Outgoing.gather(layout_of(kv), kv, ids)).result())
+    time.sleep(60)  # stays silent until killed
+
+
+def test_int8_blocks_cross_processes_bit_exact_and_a_dead_peer_fails_fast() -> None:
+    ctx = mp.get_context("spawn")
+    asks, done = ctx.Queue(), ctx.Queue()
+    store, port = listen("127.0.0.1")
+    proc = ctx.Process(target=_serve, args=(port, asks, done), daemon=True)
+    proc.start()
+    ch = KVChannel(ChannelSpec(0, 2, "127.0.0.1", port, "gloo", 20.0), "cpu", store)
+    try:
+        kv, dst = caches(torch.int8, 42), caches(torch.int8, 1)
+        lay = layout_of(kv)
+
+        async def pull(ids: list[int]):
+            async def ask(tid: int) -> int:
+                asks.put((tid, ids))
+                return await asyncio.get_running_loop().run_in_executor(None, done.get, True, 20)
+            return await ch.pull(1, lay, len(ids), ask)
+
+        for ids, slots in (([2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]), ([15, 0, 9], [1, 2, 3])):
+            write_blocks(dst, slots, asyncio.run(pull(ids)))
+            assert same(blocks_of(dst, slots), blocks_of(kv, ids))
+
+        async def killed(tid: int) -> None:  # the source dies after taking the ask
+            asks.put(None)
+            await asyncio.sleep(0.3)
+            proc.kill()
+
+        t = time.monotonic()
+        with pytest.raises(KVChannelError) as e:
+            asyncio.run(ch.pull(1, lay, 2, killed))
+        assert e.value.broken and time.monotonic() - t < 10  # the socket closed: no 20 s wait
+    finally:
+        proc.kill()
+        proc.join(20)
+        ch.close()

@@ -1,0 +1,141 @@
+"""The collective KV transport on a real local Ray: a 1 prefill + 1 decode cluster whose
+workers hand blocks over the persistent channel (gloo on CPU, NCCL on GPUs), with exact greedy
+output, the transport the handoffs took, and the fall-backs to the object store when a
+transfer is corrupted or out of step. Tests run in file order: the last CPU one breaks the
+channel's only pair.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import ray
+import torch
+from pd_util import (
+    GREEDY,
+    PROMPTS,
+    assert_clean,
+    counters,
+    drain,
+    handoff_vias,
+    tiny_random_model,
+    tokens,
+    worker_stats,
+)
+
+from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.launcher import PDCluster
+from pdserve.cluster.router import RouterRequest
+from pdserve.workers.sampling_params import SamplingParams
+from pdserve.workers.worker import GenerateRequest
+
+
+@pytest.fixture(scope="module")
+def cluster(start_cluster):
+    c = start_cluster(transport="collective", direct_max_tokens=0)
+    yield c
+    c.shutdown()
+
+
+def run(cluster, rid: str, prompt: str, reference) -> None:
+    chunks = drain(cluster.router.generate.remote(RouterRequest(
+        rid, prompt_token_ids=tuple(reference.prompt_ids[prompt]), params=GREEDY)))
+    reference.check(prompt, tokens(chunks))
+
+
+def decode_stats(cluster) -> dict:
+    (stats,) = worker_stats(cluster, "decode").values()
+    return stats
+
+
+def test_config_auto_picks_the_channel_only_when_every_worker_has_a_gpu() -> None:
+    def resolved(**kw) -> str:
+        return ClusterConfig.from_dict(kw).resolved_transport()
+
+    gpu = {"replicas": 1, "num_gpus": 1}
+    assert resolved(device="cuda", prefill=gpu, decode=gpu) == "collective"
+    assert resolved(device="cuda", prefill={**gpu, "num_gpus": 0.5}, decode=gpu) == "object_store"
+    assert resolved(device="cuda", prefill={"replicas": 0}, decode=gpu) == "object_store"
+    assert resolved(prefill=gpu, decode=gpu) == "object_store"  # CPU workers
+    assert resolved(transport="grpc", device="cuda", prefill=gpu, decode=gpu) == "grpc"
+    assert ClusterConfig(transport="collective").channel_backend() == "gloo"
+
+
+def test_greedy_output_equals_the_single_engine_over_the_channel(cluster, reference) -> None:
+    before = counters(cluster)
+    gens = {p: cluster.router.generate.remote(RouterRequest(
+        f"ch-{i}", prompt_token_ids=tuple(reference.prompt_ids[p]), params=GREEDY))
+        for i, p in enumerate(PROMPTS)}
+    for p, gen in gens.items():  # concurrent handoffs over the one pair
+        reference.check(p, tokens(drain(gen)))
+    assert counters(cluster)["handoffs"] - before["handoffs"] == len(PROMPTS)
+    vias = handoff_vias(cluster)
+    assert [vias[f"ch-{i}"] for i in range(len(PROMPTS))] == ["collective"] * len(PROMPTS)
+    (d,) = cluster.worker_ids("decode")
+    log = {rid: (nbytes, recomputed) for rid, nbytes, _, recomputed in
+           ray.get(cluster.actor(d).handoff_log.remote())}
+    for i in range(len(PROMPTS)):
+        nbytes, recomputed = log[f"ch-{i}"]
+        assert nbytes > 0 and not recomputed
+    assert decode_stats(cluster)["channel_failures"] == 0
+    assert_clean(cluster)
+
+
+def test_a_corrupted_transfer_falls_back_to_the_object_store(cluster, reference) -> None:
+    (p,) = cluster.worker_ids("prefill")
+    before = decode_stats(cluster)
+    ray.get(cluster.actor(p).inject_fault.remote("corrupt_channel", 1))
+    run(cluster, "ch-corrupt", PROMPTS[2], reference)
+    after = decode_stats(cluster)
+    assert after["corrupt_pulls"] == before["corrupt_pulls"] + 1
+    assert after["channel_failures"] == before["channel_failures"] + 1
+    # Every byte had arrived: the pair is still in step, and the next handoff uses it.
+    run(cluster, "ch-after-corrupt", PROMPTS[1], reference)
+    vias = handoff_vias(cluster)
+    assert (vias["ch-corrupt"], vias["ch-after-corrupt"]) == ("object_store", "collective")
+    assert_clean(cluster)
+
+
+def test_a_header_out_of_step_breaks_the_pair_and_handoffs_go_on(cluster, reference) -> None:
+    (p,) = cluster.worker_ids("prefill")
+    ray.get(cluster.actor(p).inject_fault.remote("channel_header", 1))
+    run(cluster, "ch-header", PROMPTS[0], reference)
+    run(cluster, "ch-after-header", PROMPTS[3], reference)
+    vias = handoff_vias(cluster)
+    assert (vias["ch-header"], vias["ch-after-header"]) == ("object_store", "object_store")
+    assert decode_stats(cluster)["channel_failures"] >= 2  # the second was refused at once
+    assert_clean(cluster)
+
+
+# -- GPU: NCCL between two GPUs (skipped on CPU CI) ------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_gpu_handoff_over_nccl_equals_a_colocated_run(ray_session, tmp_path, kv_cache_dtype) -> None:
+    """P/D over NCCL against the decode worker running the same requests whole (its own
+    prefill), on the same kind of GPU: the transferred KV must give the same tokens."""
+    folder = tiny_random_model(tmp_path / "model", vocab_size=1024, num_hidden_layers=6,
+                               num_key_value_heads=4, hidden_size=256)
+    gpu = {"replicas": 1, "num_cpus": 1, "num_gpus": 1, "num_blocks": 512}
+    cfg = ClusterConfig.from_dict({"device": "cuda", "dtype": "bfloat16", "direct_max_tokens": 0,
+                                   "kv_cache_dtype": kv_cache_dtype, "enable_prefix_caching": False,
+                                   "prefill": gpu, "decode": gpu})
+    assert cfg.resolved_transport() == "collective" and cfg.channel_backend() == "nccl"
+    cluster = PDCluster.start(cfg, model_path=folder)
+    try:
+        rng = random.Random(0)
+        (d,) = cluster.worker_ids("decode")
+        sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        for i, n in enumerate((5, 16, 100, 700)):
+            ids = tuple(rng.randrange(3, 1024) for _ in range(n))
+            pd = tokens(drain(cluster.router.generate.remote(RouterRequest(
+                f"gpu-{i}", prompt_token_ids=ids, params=sp))))
+            whole = [t for ref in cluster.actor(d).generate.remote(GenerateRequest(
+                f"gpu-whole-{i}", ids, sp)) for t in ray.get(ref).token_ids]
+            assert pd == whole and len(pd) == 24, (n, pd, whole)
+        vias = handoff_vias(cluster)
+        assert all(vias[f"gpu-{i}"] == "collective" for i in range(4)), vias
+        assert_clean(cluster)
+    finally:
+        cluster.shutdown()
