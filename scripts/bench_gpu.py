@@ -155,12 +155,14 @@ def weight_bytes(model) -> int:
     return total
 
 
-def run_offline(eng, prompts: list[list[int]], output_len: int) -> dict:
-    """All requests at once; wall time, and how it splits between prefill and decode steps."""
+def run_offline(eng, prompts: list[list[int]], output_len: int | list[int]) -> dict:
+    """All requests at once; wall time, and how it splits between prefill and decode steps.
+    ``output_len``: one length for all, or one per prompt."""
     from pdserve.workers.sampling_params import SamplingParams
 
-    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
+    lens = output_len if isinstance(output_len, list) else [output_len] * len(prompts)
+    for i, (p, n) in enumerate(zip(prompts, lens, strict=True)):
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         eng.add_request(f"b{i}-{time.monotonic_ns()}", prompt_token_ids=p, params=sp)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -187,7 +189,8 @@ def run_offline(eng, prompts: list[list[int]], output_len: int) -> dict:
             "decode_batch_mean": decode_rows / max(1, decode_steps)}
 
 
-def hf_offline(model, cfg_dict: dict, dtype, prompts, output_len: int, batch: int) -> float:
+def hf_model(model, cfg_dict: dict, dtype):
+    """The same weights in transformers' own model class."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = {k: v for k, v in cfg_dict.items() if k != "model_type"}
@@ -197,21 +200,55 @@ def hf_offline(model, cfg_dict: dict, dtype, prompts, output_len: int, batch: in
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any("rotary" not in m and m != "lm_head.weight" for m in missing):
         print(f"HF peer: missing {missing[:5]}, unexpected {unexpected[:5]}", file=sys.stderr)
-    hf.eval()
+    return hf.eval()
 
-    def gen(n_new: int, rows: list[list[int]]) -> float:
+
+def hf_offline(hf, prompts, output_len: int | list[int], batch: int) -> float:
+    """Wall seconds of HF ``generate`` over all prompts in batches of ``batch``. With several
+    lengths, prompts are sorted by length and left-padded, and each batch runs to its
+    longest requested output (only the requested tokens are counted as output)."""
+    lens = output_len if isinstance(output_len, list) else [output_len] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), lens[i]))
+
+    def gen(rows: list[int], cap: int | None = None) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for s in range(0, len(rows), batch):
-            ids = torch.tensor(rows[s:s + batch], device="cuda")
+            part = rows[s:s + batch]
+            width = max(len(prompts[i]) for i in part)
+            ids = torch.zeros(len(part), width, dtype=torch.long, device="cuda")
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(part):
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]):] = 1
+            n_new = cap or max(lens[i] for i in part)
             with torch.inference_mode():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                hf.generate(ids, attention_mask=mask, do_sample=False,
                             max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    gen(4, prompts[:batch])  # warm-up
-    return gen(output_len, prompts)
+    gen(order[:batch], cap=4)  # warm-up
+    return gen(order)
+
+
+def hf_generate_batch(hf, prompts, output_len: int | list[int]) -> float | None:
+    """Wall seconds of transformers' continuous-batching ``generate_batch`` (one length for
+    all: its config has one max_new_tokens), or None where the installed version lacks it."""
+    from transformers import GenerationConfig
+
+    if not hasattr(hf, "generate_batch"):
+        return None
+    n_new = output_len if isinstance(output_len, int) else max(output_len)
+    cfg = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                           eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate_batch(prompts[:8], generation_config=cfg)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        hf.generate_batch(prompts, generation_config=cfg)
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -224,6 +261,10 @@ def main() -> None:
     ap.add_argument("--system-len", type=int, default=2048)
     ap.add_argument("--question-len", type=int, default=128)
     ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--workload", choices=["fixed", "nanovllm"], default="fixed",
+                    help="nanovllm: input and output lengths uniform in [100, 1024], seed 0")
+    ap.add_argument("--hf-generate-batch", action="store_true",
+                    help="also time transformers' continuous-batching generate_batch")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--hf-batch", type=int, default=256)
@@ -248,10 +289,15 @@ def main() -> None:
     kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
     dev = torch.cuda.get_device_name()
     rng = random.Random(0)
-    prompts = [[rng.randrange(1000, c.vocab_size - 1000) for _ in range(args.input_len)]
-               for _ in range(args.num)]
+    if args.workload == "nanovllm":  # nano-vllm's bench.py setup
+        in_lens = [rng.randint(100, 1024) for _ in range(args.num)]
+        out_lens: int | list[int] = [rng.randint(100, 1024) for _ in range(args.num)]
+    else:
+        in_lens, out_lens = [args.input_len] * args.num, args.output_len
+    prompts = [[rng.randrange(1000, c.vocab_size - 1000) for _ in range(n)] for n in in_lens]
+    n_out = sum(out_lens) if isinstance(out_lens, list) else args.num * out_lens
     base = {"model_shape": args.model_shape, "dtype": args.dtype, "device": dev,
-            "input_len": args.input_len, "output_len": args.output_len,
+            "workload": args.workload, "input_tokens": sum(in_lens), "output_tokens": n_out,
             "weights_gb": round(wbytes / 1e9, 3)}
     tmp = Path(tempfile.mkdtemp())
     if args.mode == "shared-prefix":
@@ -261,11 +307,11 @@ def main() -> None:
     for backend in args.backends.split(","):
         if args.mode in ("offline", "both"):
             eng = make_engine(model, cfg_dict, tmp, args, backend, args.num)
-            run_offline(eng, prompts, args.output_len)  # warm-up: kernels compile, allocator fills
-            r = run_offline(eng, prompts, args.output_len)
-            tok_s = args.num * args.output_len / r["wall_s"]
+            run_offline(eng, prompts, out_lens)  # warm-up: kernels compile, allocator fills
+            r = run_offline(eng, prompts, out_lens)
+            tok_s = n_out / r["wall_s"]
             # Decode floor per step: weights once + the batch's mean KV length.
-            mean_ctx = args.input_len + args.output_len / 2
+            mean_ctx = (sum(in_lens) + n_out / 2) / args.num
             floor_ms = 1e3 * (wbytes + args.num * mean_ctx * kv_tok) / PEAK_BW
             out = {**base, "bench": "offline", "backend": type(eng.runner.backend).__name__,
                    "variant": backend, "cuda_graphs": eng.runner.graphs is not None,
@@ -275,7 +321,7 @@ def main() -> None:
                    "decode_step_ms": round(r["decode_step_ms"], 3),
                    "decode_batch_mean": round(r["decode_batch_mean"], 1),
                    "decode_step_floor_ms": round(floor_ms, 3),
-                   "prefill_tok_s": round(args.num * args.input_len / max(r["prefill_steps_s"], 1e-9))}
+                   "prefill_tok_s": round(sum(in_lens) / max(r["prefill_steps_s"], 1e-9))}
             if args.profile and backend == args.backends.split(",")[0]:
                 profile_decode(eng, prompts, args, Path(args.profile))
             release(eng)
@@ -310,11 +356,23 @@ def main() -> None:
             release(eng)
 
     if args.mode in ("offline", "both") and not args.skip_hf:
-        hf_s = hf_offline(model, cfg_dict, dtype, prompts, args.output_len, args.hf_batch)
+        hf = hf_model(model, cfg_dict, dtype)
+        hf_s = hf_offline(hf, prompts, out_lens, args.hf_batch)
         print(json.dumps({**base, "bench": "offline", "backend": "hf_generate", "num": args.num,
-                          "hf_batch": args.hf_batch,
-                          "hf_tok_s": round(args.num * args.output_len / hf_s, 1),
+                          "hf_batch": args.hf_batch, "hf_tok_s": round(n_out / hf_s, 1),
                           "wall_s": round(hf_s, 3)}), flush=True)
+        if args.hf_generate_batch:
+            try:
+                gb_s = hf_generate_batch(hf, prompts, out_lens)
+            except Exception as e:  # a peer's failure is reported, not fatal
+                print(json.dumps({**base, "backend": "hf_generate_batch", "error": repr(e)[:300]}))
+            else:
+                n_gb = args.num * (out_lens if isinstance(out_lens, int) else max(out_lens))
+                print(json.dumps({**base, "bench": "offline", "backend": "hf_generate_batch",
+                                  "num": args.num, "available": gb_s is not None,
+                                  "hf_tok_s": round(n_gb / gb_s, 1) if gb_s else None,
+                                  "note": "one max_new_tokens for all requests",
+                                  "wall_s": round(gb_s, 3) if gb_s else None}), flush=True)
 
 
 def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: random.Random) -> None:
