@@ -111,6 +111,19 @@ class BlockManager:
         return hits
 
     # -- allocation -------------------------------------------------------
+    def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """True when ``allocate(seq, num_new_tokens)`` would do nothing: the tokens land in
+        blocks ``seq`` already holds, and no fork shares the partial block written first.
+
+        The scheduler's per-step fast path for decode rows (most steps of most sequences).
+        """
+        bs = self.block_size
+        c = seq.num_computed_tokens
+        table = seq.block_table
+        if (c + num_new_tokens + bs - 1) // bs > len(table):
+            return False
+        return not (c % bs and num_new_tokens) or self.pool.blocks[table[c // bs]].ref_count <= 1
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> bool:
         """True if `allocate` will succeed; drops session pins (oldest first) to make room."""
         hits = hits or []
@@ -176,9 +189,9 @@ class BlockManager:
         if not self.enable_caching:
             return
         bs = self.block_size
-        n_full = min(seq.num_computed_tokens, seq.num_tokens) // bs
+        n_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         start = len(seq.block_hashes)
-        if n_full <= start:
+        if n_full <= start:  # no block became full: the common decode step
             return
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         new_hashes, chunks = [], []

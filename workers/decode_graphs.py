@@ -22,6 +22,7 @@ import torch
 from pdserve.workers.attention import AttentionMetadata
 from pdserve.workers.kernels.attention import TritonAttention
 from pdserve.workers.kernels.paged_attention import num_splits_for
+from pdserve.workers.model_runner import fill_block_tables
 from pdserve.workers.models.decoder import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ class DecodeGraphs:
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
                 ids, pos, slots, lens, tables = self._views(b)
-                self.buf[:self._size(b)].copy_(torch.from_numpy(self._host(b, [], [], [], [], [])))
+                host = np.empty(self._size(b), dtype=np.int64)
+                self._fill(host, b, [], [], [])
+                self.buf[:self._size(b)].copy_(torch.from_numpy(host))
                 meta = AttentionMetadata(
                     slot_mapping=slots, query_start_loc=list(range(b + 1)), seq_lens=[1] * b,
                     num_prefills=0, block_tables=tables, block_size=block_size,
@@ -73,30 +76,37 @@ class DecodeGraphs:
         return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:4 * b],
                 buf[4 * b:4 * b + b * self.width].view(b, self.width))
 
-    def _host(self, b: int, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
-              tables: list[list[int]]) -> np.ndarray:
-        n, pad = len(ids), b - len(ids)
-        host = np.zeros(self._size(b), dtype=np.int64)
-        host[:4 * b] = np.asarray(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad
-                                  + lens + [1] * pad, dtype=np.int64)
-        t = host[4 * b:].reshape(b, self.width)
-        for i in range(n):
-            t[i, :len(tables[i])] = tables[i]
-        return host
+    def _fill(self, host: np.ndarray, b: int, ids: list[int], pos: list[int],
+              tables: list[list[int]]) -> None:
+        """Write bucket ``b``'s inputs into ``host`` (its first ``_size(b)`` entries), vectorized:
+        a slot is its row's block at ``pos // block_size``, a sequence length is ``pos + 1``."""
+        n, bs = len(ids), self.block_size
+        host[:b] = 0
+        host[:n] = ids
+        p = host[b:2 * b]
+        p[n:] = 0
+        p[:n] = pos
+        t = host[4 * b:self._size(b)].reshape(b, self.width)
+        t.fill(0)
+        fill_block_tables(t, tables)
+        host[2 * b + n:3 * b] = -1
+        host[2 * b:2 * b + n] = t[np.arange(n), p[:n] // bs] * bs + p[:n] % bs
+        host[3 * b + n:4 * b] = 1
+        host[3 * b:3 * b + n] = p[:n] + 1
 
     def fits(self, n: int) -> bool:
         return n <= self.max_batch
 
-    def run(self, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states [n, hidden] of a decode-only batch of n <= max_batch rows."""
+    def run(self, ids: list[int], pos: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode-only batch of n <= max_batch rows: row i
+        runs token ``ids[i]`` at position ``pos[i]`` over block table ``tables[i]``."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
-        host = self._host(b, ids, pos, slots, lens, tables)
+        size = self._size(b)
         self.copied.synchronize()  # the last step's copy may still read the pinned buffer
-        staged = self.pinned[:host.size]
-        staged.numpy()[:] = host
-        self.buf[:host.size].copy_(staged, non_blocking=True)
+        staged = self.pinned[:size]
+        self._fill(staged.numpy(), b, ids, pos, tables)  # straight into the pinned buffer
+        self.buf[:size].copy_(staged, non_blocking=True)
         self.copied.record()
         g, out = self.graphs[b]
         g.replay()

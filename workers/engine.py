@@ -209,9 +209,25 @@ class LLMEngine:
         batch, logits = self.runner.execute(sched)
         self.scheduler.finish_step(batch)
         self.num_steps += 1
-        sampling = [s.seq for s in batch if s.seq.num_computed_tokens == s.seq.num_tokens]
+        sampling = [s.seq for s in batch if s.seq.num_computed_tokens == len(s.seq.token_ids)]
         if not sampling:
             return chunks
+        if any(s.drafts or s.held_token is not None or s.beam is not None or s.parallel is not None
+               for s in sampling):  # one pass for the common batch of plain rows
+            sampling, logits = self._special_rows(sampling, logits, chunks)
+            if not sampling:
+                return chunks
+        result = self.sampler(logits, sampling)
+        append = self._append_token
+        for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+            chunk = append(seq, tok, lp)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
+
+    def _special_rows(self, sampling: list[Sequence], logits: torch.Tensor,
+                      chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:
+        """Drafts, KV-only prefills, beams and n > 1 fan-out; the rows left to sample."""
         if any(s.drafts for s in sampling):
             sampling, logits = self._verify_drafts(sampling, logits, chunks)
         if any(s.held_token is not None for s in sampling):
@@ -222,19 +238,14 @@ class LLMEngine:
                     chunks.append(TokenChunk(s.request_id, (), ""))
             sampling, logits = [sampling[i] for i in keep], logits[keep]
             if not sampling:
-                return chunks
+                return sampling, logits
         if any(s.beam is not None for s in sampling):
             sampling, logits = self._collect_beams(sampling, logits, chunks)
             if not sampling:
-                return chunks
+                return sampling, logits
         if any(s.parallel is not None and not s.parallel.forked for s in sampling):
             sampling, logits = self._fan_out(sampling, logits)
-        result = self.sampler(logits, sampling)
-        for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
-            chunk = self._append_token(seq, tok, lp)
-            if chunk is not None:
-                chunks.append(chunk)
-        return chunks
+        return sampling, logits
 
     def _verify_drafts(self, seqs: list[Sequence], logits: torch.Tensor,
                        chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:
@@ -367,7 +378,7 @@ class LLMEngine:
                                       stop_reason=stop_reason, logprobs=lps, index=seq.index)
             self.requests.pop(seq.request_id, None)
             return self._final_chunk(seq, (token,), text, lps)
-        hold = max((len(s) for s in p.stop), default=1) - 1
+        hold = max(len(s) for s in p.stop) - 1 if p.stop else 0
         safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
         text = seq.output_text[seq.emitted_text_len:safe]
         seq.emitted_text_len = safe
@@ -381,7 +392,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int, prev_len: int) -> tuple[FinishReason | None, str | int | None]:
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens
+        if num_output >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return FinishReason.STOP, None
             if token in p.stop_token_ids:
@@ -392,7 +404,7 @@ class LLMEngine:
                     idx, s = hit
                     seq.output_text = seq.output_text[:idx + (len(s) if p.include_stop_str_in_output else 0)]
                     return FinishReason.STOP, s
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= (self.config.max_model_len or 0):
+        if num_output >= p.max_tokens or len(seq.token_ids) >= (self.config.max_model_len or 0):
             return FinishReason.LENGTH, None
         return None, None
 

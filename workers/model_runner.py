@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
 import numpy as np
 import torch
@@ -20,6 +21,15 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype) 
     elem = torch.empty((), dtype=kv_dtype).element_size()
     width = kv_head_width(c.head_dim, kv_dtype)  # int8 rows carry their scale
     return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * width * elem
+
+
+def fill_block_tables(out: np.ndarray, tables: list[list[int]]) -> None:
+    """Write each block table at the start of its row of ``out`` (zeroed: rows are padded
+    with 0) in a few numpy calls rather than one per row."""
+    n, width = len(tables), out.shape[1]
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    out[:n][np.arange(width) < lens[:, None]] = flat
 
 
 class ModelRunner:
@@ -97,13 +107,14 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         nseq = len(batch)
-        max_blocks = max(len(s.seq.block_table) for s in batch)
+        block_tables = [s.seq.block_table for s in batch]
+        max_blocks = max(map(len, block_tables))
         tables = np.zeros((nseq, max_blocks), dtype=np.int64)
+        fill_block_tables(tables, block_tables)
         num_prefills = 0
-        for i, s in enumerate(batch):
+        for s in batch:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_new_tokens
             table = seq.block_table
-            tables[i, :len(table)] = table
             if n == 1:  # decode rows: plain ints, no per-row arrays
                 ids.append(seq.token_ids[start])
                 pos.append(start)
@@ -114,10 +125,14 @@ class ModelRunner:
                 p = np.arange(start, start + n)
                 pos.extend(p.tolist())
                 slots.extend((np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
-            qsl.append(qsl[-1] + n)
+            end = qsl[-1] + n
+            qsl.append(end)
             seq_lens.append(start + n)
-            if s.samples:  # a speculating sequence needs a row per draft plus one
-                sample_rows.extend(range(qsl[-1] - 1 - len(s.seq.drafts), qsl[-1]))
+            if start + n == len(seq.token_ids):  # samples; a speculating one needs a row per draft plus one
+                if seq.drafts:
+                    sample_rows.extend(range(end - 1 - len(seq.drafts), end))
+                else:
+                    sample_rows.append(end - 1)
         t, ns = len(ids), len(sample_rows)
         host = np.concatenate([np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64),
                                tables.ravel()])
@@ -151,15 +166,8 @@ class ModelRunner:
         return batch, logits
 
     def _run_graph(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        bs = self.block_size
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for s in batch:
-            seq = s.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table)
+        seqs = [s.seq for s in batch]
+        pos = [seq.num_computed_tokens for seq in seqs]
+        ids = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
         assert self.graphs is not None
-        return self.graphs.run(ids, pos, slots, lens, tables)
+        return self.graphs.run(ids, pos, [seq.block_table for seq in seqs])

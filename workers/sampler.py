@@ -102,22 +102,19 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if sampled:
             rows = logits[sampled].cpu()
-        greedy_ids = greedy.tolist()
-        tokens: list[int] = []
-        j = 0
-        for i, seq in enumerate(seqs):
+        tokens: list[int] = greedy.tolist()  # the greedy rows' tokens; drawn rows overwrite theirs
+        for j, i in enumerate(sampled):  # in row order: each draw advances its generator
+            seq = seqs[i]
             p = seq.params
-            if p.temperature == 0.0:
-                tokens.append(greedy_ids[i])
-                continue
             probs = filter_probs(rows[j], p.temperature, p.top_k_or_none, p.top_p, p.min_p)
-            j += 1
             gen = seq.generator if seq.generator is not None else self.generator
-            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=gen))
+        if raw_logprobs is None:
+            return SampleResult(tokens, [None] * len(seqs))
         lps: list[Logprobs | None] = []
         for i, seq in enumerate(seqs):
             n = seq.params.logprobs
-            if n is None or raw_logprobs is None:
+            if n is None:
                 lps.append(None)
                 continue
             row = raw_logprobs[i]

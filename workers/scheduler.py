@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import operator
 from dataclasses import dataclass, field
 
 from pdserve.workers.block_manager import BlockManager
@@ -19,6 +20,8 @@ from pdserve.workers.sequence import Sequence, SequenceStatus
 from pdserve.workers.spec_decode import drop_drafts
 
 logger = logging.getLogger(__name__)
+
+_sort_key = operator.attrgetter("priority", "arrival")  # Sequence.sort_key, without the property call
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,15 +104,24 @@ class Scheduler:
         chunk_cap = self.config.long_prefill_token_threshold or budget
 
         # 1. Running sequences, highest priority first; preempt from the back on OOM.
-        self.running.sort(key=lambda s: s.sort_key)
+        running = self.running
+        running.sort(key=_sort_key)
+        scheduled = out.scheduled
+        fits_in_place = self.bm.fits_in_place
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, chunk_cap)
-            if seq.drafts and n < seq.num_tokens - seq.num_computed_tokens:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            left = len(seq.token_ids) - seq.num_computed_tokens
+            n = min(left, budget, chunk_cap)
+            if seq.drafts and n < left:
                 drop_drafts(seq)  # drafts are verified in one pass or not at all
                 n = min(1, budget)
             if n <= 0:
+                i += 1
+                continue
+            if fits_in_place(seq, n):  # a decode token in a block it owns: nothing to allocate
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
                 i += 1
                 continue
             while not self.bm.can_allocate(seq, n):
@@ -119,7 +131,7 @@ class Scheduler:
                     break
             else:
                 out.block_copies.extend(self.bm.allocate(seq, n))
-                out.scheduled.append(ScheduledSeq(seq, n))
+                scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
                 i += 1
                 continue
@@ -154,12 +166,15 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(seq)
-        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        out.scheduled[:] = [s for s in out.scheduled if s.seq is not seq]  # in place: schedule holds it
         self.add(seq)
 
     def finish_step(self, scheduled: list[ScheduledSeq]) -> None:
         """Advance computed-token counts and cache blocks that became full."""
+        bs = self.bm.block_size
         for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            if not s.seq.drafts:  # drafts' blocks are cached only after verification
-                self.bm.commit(s.seq)
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            # drafts' blocks are cached only after verification; most steps fill no block
+            if not seq.drafts and seq.num_computed_tokens // bs > len(seq.block_hashes):
+                self.bm.commit(seq)
