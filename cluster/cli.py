@@ -208,7 +208,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None)
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default=None)
-    s.add_argument("--transport", default=None, choices=("object_store", "grpc"))
+    s.add_argument("--transport", default=None, choices=("auto", "object_store", "grpc", "collective"),
+                   help="how KV blocks move between workers (auto: NCCL collective when every worker has a GPU)")
     s.add_argument("--prefill", type=int, default=None, help="prefill workers")
     s.add_argument("--decode", type=int, default=None, help="decode workers")
     s.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker")
