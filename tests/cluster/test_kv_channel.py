@@ -314,3 +314,49 @@ def test_int8_blocks_cross_processes_bit_exact_and_a_dead_peer_fails_fast() -> N
         proc.kill()
         proc.join(20)
         ch.close()
+
+
+# -- NCCL between two GPUs (gpu marker: the 2xH200 machine) ----------------------------------------
+def _serve_nccl(port: int, asks: mp.Queue, done: mp.Queue) -> None:
+    """Rank 1 on the second GPU: its caches hold the same random blocks, made on the CPU."""
+    torch.cuda.set_device(1)
+    ch = KVChannel(ChannelSpec(1, 2, "127.0.0.1", port, "nccl", 60.0), "cuda:1")
+    kvs = {str(d): [c.to("cuda:1") for c in caches(d, 7)] for d in DTYPES}
+    while (job := asks.get()) is not None:
+        tid, dt, ids = job
+        kv = kvs[dt]
+        done.put(ch.send(0, tid, lambda kv=kv, ids=ids: Outgoing.gather(layout_of(kv), kv, ids)).result())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA GPUs")
+def test_nccl_transfer_between_two_gpus_is_bit_exact() -> None:
+    """GPU to GPU over NCCL (NVLink where present): bf16, fp32 and int8 blocks (scales in the
+    rows) land bit for bit, for merged runs and scattered ids."""
+    ctx = mp.get_context("spawn")
+    asks, done = ctx.Queue(), ctx.Queue()
+    store, port = listen("127.0.0.1")
+    proc = ctx.Process(target=_serve_nccl, args=(port, asks, done), daemon=True)
+    proc.start()
+    ch = KVChannel(ChannelSpec(0, 2, "127.0.0.1", port, "nccl", 60.0), "cuda:0", store)
+    try:
+        for dt in DTYPES:
+            src = caches(dt, 7)  # what rank 1 holds, on the CPU here
+            dst = [c.to("cuda:0") for c in caches(dt, 3)]
+            lay = layout_of(dst)
+            for ids, slots in (([2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]),
+                               ([15, 0, 9, 1], [1, 2, 3, 4])):
+                async def ask(tid: int, ids=ids, dt=str(dt)) -> int:
+                    asks.put((tid, dt, ids))
+                    return await asyncio.get_running_loop().run_in_executor(None, done.get, True, 60)
+
+                got = asyncio.run(ch.pull(1, lay, len(ids), ask))
+                write_blocks(dst, slots, got)
+                torch.cuda.synchronize()
+                assert same([c.cpu() for c in blocks_of(dst, slots)], blocks_of(src, ids)), (dt, ids)
+    finally:
+        asks.put(None)
+        proc.join(30)
+        proc.kill()
+        ch.close()
