@@ -84,19 +84,20 @@ def random_model(cfg_dict: dict, dtype: torch.dtype, device: str):
 
 
 def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num_seqs: int,
-                prefix_caching: bool = False):
-    """variant: an attention backend name, with "-eager" for no CUDA graphs."""
+                prefix_caching: bool = False, device: str = "cuda", **extra):
+    """variant: an attention backend name, with "-eager" for no CUDA graphs; ``extra``:
+    more EngineConfig fields (speculative decoding, ...)."""
     from pdserve.workers import engine as engine_mod
     from pdserve.workers.config import EngineConfig
 
     (folder / "config.json").write_text(json.dumps(cfg_dict))
-    config = EngineConfig(model=str(folder), device="cuda", dtype=args.dtype,
+    config = EngineConfig(model=str(folder), device=device, dtype=args.dtype,
                           max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len),
                           kv_cache_memory_mb=args.kv_cache_mb, max_model_len=4096,
                           enable_prefix_caching=prefix_caching,
                           attention_backend=variant.removesuffix("-eager"),
-                          cuda_graphs=not variant.endswith("-eager"))
+                          cuda_graphs=not variant.endswith("-eager"), **extra)
     with mock.patch.object(engine_mod, "load_model", return_value=model):
         return engine_mod.LLMEngine(config, model_path=folder, tokenizer=StubTokenizer())
 

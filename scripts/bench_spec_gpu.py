@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import SHAPES, StubTokenizer, random_model, release  # noqa: E402
+from bench_gpu import SHAPES, make_engine, random_model, release  # noqa: E402
 
 TARGET = dict(model_type="qwen2", vocab_size=151936, hidden_size=3584, intermediate_size=18944,
               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -151,22 +151,14 @@ def main() -> None:
         torch.cuda.empty_cache = lambda: None  # release() calls it
     (tmp / "draft" / "config.json").write_text(json.dumps(draft_cfg))
 
-    def engine(extra: dict, model=None, cfg_dict: dict | None = None, max_seqs: int = 0):
-        from pdserve.workers import engine as engine_mod
-        from pdserve.workers.config import EngineConfig
+    backend = "torch" if args.smoke else "auto"
 
+    def engine(extra: dict, model=None, cfg_dict: dict | None = None, max_seqs: int = 0):
         folder = tmp / f"t-{time.monotonic_ns()}"
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(cfg_dict or TARGET))
-        cfg = EngineConfig(model=str(folder), device=device, dtype=args.dtype,
-                           max_num_seqs=max_seqs or max(args.batch), max_num_batched_tokens=args.max_num_batched_tokens,
-                           kv_cache_memory_mb=args.kv_cache_mb, max_model_len=4096,
-                           enable_prefix_caching=False, attention_backend="torch" if args.smoke else "auto",
-                           cuda_graphs=True,
-                           **extra)
-        with mock.patch.object(engine_mod, "load_model", return_value=model or target), \
-                mock.patch.object(draft_mod, "load_model", return_value=draft):
-            return engine_mod.LLMEngine(cfg, model_path=folder, tokenizer=StubTokenizer())
+        with mock.patch.object(draft_mod, "load_model", return_value=draft):
+            return make_engine(model or target, cfg_dict or TARGET, folder, args, backend,
+                               max_seqs or max(args.batch), device=device, **extra)
 
     for construction in ("independent", "aligned"):
         if construction == "aligned":

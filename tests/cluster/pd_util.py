@@ -150,3 +150,21 @@ def tiny_random_model(folder: Any, vocab_size: int = 512, **config: Any) -> Any:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
                             eos_token="t2").save_pretrained(folder)
     return folder
+
+
+def check_greedy_2p2d(cluster: Any, reference: Reference) -> dict[str, float]:
+    """Every PROMPT through the P/D path at once equals the single engine and transformers,
+    one handoff each, and the cluster is clean afterwards; returns the counters' change."""
+    from pdserve.cluster.router import RouterRequest
+
+    before = counters(cluster)
+    gens = {p: cluster.router.generate.remote(RouterRequest(
+        f"eq-{i}", prompt_token_ids=tuple(reference.prompt_ids[p]), params=GREEDY))
+        for i, p in enumerate(PROMPTS)}
+    for p, gen in gens.items():
+        reference.check(p, tokens(drain(gen)))
+    after = counters(cluster)
+    assert after["pd"] - before["pd"] == len(PROMPTS)
+    assert after["handoffs"] - before["handoffs"] == len(PROMPTS)
+    assert_clean(cluster)
+    return {k: after[k] - before[k] for k in after}

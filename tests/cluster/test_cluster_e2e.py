@@ -15,6 +15,7 @@ from pd_util import (
     GREEDY,
     PROMPTS,
     assert_clean,
+    check_greedy_2p2d,
     counters,
     drain,
     live_workers,
@@ -67,17 +68,8 @@ def engine_tokens(engine, rid: str, params: SamplingParams, prompt: str | None =
     return out
 
 
-def test_greedy_output_equals_the_single_engine_2p2d(cluster, reference) -> None:
-    before = counters(cluster)
-    gens = {p: cluster.router.generate.remote(RouterRequest(
-        f"eq-{i}", prompt_token_ids=tuple(reference.prompt_ids[p]), params=GREEDY))
-        for i, p in enumerate(PROMPTS)}
-    for p, gen in gens.items():
-        reference.check(p, tokens(drain(gen)))
-    after = counters(cluster)
-    assert after["pd"] - before["pd"] == len(PROMPTS)
-    assert after["handoffs"] - before["handoffs"] == len(PROMPTS)
-    assert_clean(cluster)
+def test_greedy_output_equals_the_single_engine_2p2d_object_store(cluster, reference) -> None:
+    check_greedy_2p2d(cluster, reference)
 
 
 def test_a_corrupted_block_in_the_object_store_is_caught(cluster, reference) -> None:

@@ -280,13 +280,19 @@ def _serve(port: int, asks: mp.Queue, done: mp.Queue) -> None:
     time.sleep(60)  # stays silent until killed
 
 
-def test_int8_blocks_cross_processes_bit_exact_and_a_dead_peer_fails_fast() -> None:
+def _source_process(serve, backend: str, timeout_s: float, device: str):
+    """Rank 1 runs ``serve(port, asks, done)`` in a spawned process; this process is rank 0."""
     ctx = mp.get_context("spawn")
     asks, done = ctx.Queue(), ctx.Queue()
     store, port = listen("127.0.0.1")
-    proc = ctx.Process(target=_serve, args=(port, asks, done), daemon=True)
+    proc = ctx.Process(target=serve, args=(port, asks, done), daemon=True)
     proc.start()
-    ch = KVChannel(ChannelSpec(0, 2, "127.0.0.1", port, "gloo", 20.0), "cpu", store)
+    ch = KVChannel(ChannelSpec(0, 2, "127.0.0.1", port, backend, timeout_s), device, store)
+    return proc, asks, done, ch
+
+
+def test_int8_blocks_cross_processes_bit_exact_and_a_dead_peer_fails_fast() -> None:
+    proc, asks, done, ch = _source_process(_serve, "gloo", 20.0, "cpu")
     try:
         kv, dst = caches(torch.int8, 42), caches(torch.int8, 1)
         lay = layout_of(kv)
@@ -334,12 +340,7 @@ def _serve_nccl(port: int, asks: mp.Queue, done: mp.Queue) -> None:
 def test_nccl_transfer_between_two_gpus_is_bit_exact() -> None:
     """GPU to GPU over NCCL (NVLink where present): bf16, fp32 and int8 blocks (scales in the
     rows) land bit for bit, for merged runs and scattered ids."""
-    ctx = mp.get_context("spawn")
-    asks, done = ctx.Queue(), ctx.Queue()
-    store, port = listen("127.0.0.1")
-    proc = ctx.Process(target=_serve_nccl, args=(port, asks, done), daemon=True)
-    proc.start()
-    ch = KVChannel(ChannelSpec(0, 2, "127.0.0.1", port, "nccl", 60.0), "cuda:0", store)
+    proc, asks, done, ch = _source_process(_serve_nccl, "nccl", 60.0, "cuda:0")
     try:
         for dt in DTYPES:
             src = caches(dt, 7)  # what rank 1 holds, on the CPU here
