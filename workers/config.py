@@ -40,6 +40,8 @@ class EngineConfig:
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     attention_backend: str = "auto"  # "auto" (Triton on CUDA), "triton" or "torch" (reference)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton attention only)
+    # schedule step N+1 while step N runs (overlap.py); None: on for CUDA, off on CPU
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         check_cache_options(self.eviction_policy, self.cache_ttl_seconds, self.tenant_quota_blocks,

@@ -24,6 +24,7 @@ from pdserve.workers.kernels.attention import TritonAttention
 from pdserve.workers.kernels.paged_attention import num_splits_for
 from pdserve.workers.model_runner import fill_block_tables
 from pdserve.workers.models.decoder import CausalLM
+from pdserve.workers.overlap import resolve_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,11 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.max_batch
 
-    def run(self, ids: list[int], pos: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, ids: list[int], pos: list[int], tables: list[list[int]],
+            pending: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode-only batch of n <= max_batch rows: row i
-        runs token ``ids[i]`` at position ``pos[i]`` over block table ``tables[i]``."""
+        runs token ``ids[i]`` at position ``pos[i]`` over block table ``tables[i]``; a
+        placeholder id reads its token from ``pending`` on the device (overlap.py)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         size = self._size(b)
@@ -108,6 +111,8 @@ class DecodeGraphs:
         self._fill(staged.numpy(), b, ids, pos, tables)  # straight into the pinned buffer
         self.buf[:size].copy_(staged, non_blocking=True)
         self.copied.record()
+        if pending is not None:
+            resolve_placeholders(self.buf[:n], pending)
         g, out = self.graphs[b]
         g.replay()
         return out[:n]

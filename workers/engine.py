@@ -19,6 +19,7 @@ from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
 from pdserve.workers.models.loader import load_model, resolve_kv_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
+from pdserve.workers.overlap import InFlight, TokenStaging, placeholder, plain
 from pdserve.workers.parallel import ParallelGroup, fan_out
 from pdserve.workers.prompt import PromptProcessor
 from pdserve.workers.sampler import Logprobs, Sampler
@@ -100,6 +101,12 @@ class LLMEngine:
                                                config.speculative_adaptive), max_len, draft)
         self._pending: list[TokenChunk] = []  # chunks produced outside step() (aborts)
         self.num_steps = 0
+        # Overlapped scheduling (overlap.py): on by default where the device runs ahead.
+        overlap = config.async_scheduling
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and self.spec is None
+        self._inflight: InFlight | None = None
+        self._staging = TokenStaging(self.device)
+        self.num_overlapped = 0  # steps launched while the previous step's tokens were in flight
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d",
                     num_blocks, config.block_size, max_len)
 
@@ -183,6 +190,8 @@ class LLMEngine:
         group = seq.beam.beams if seq.beam is not None else (
             seq.parallel.seqs if seq.parallel is not None and seq.parallel.forked else [seq])
         for b in group:
+            if b.token_ids and b.token_ids[-1] < 0:  # an in-flight token nobody will land
+                b.token_ids.pop()
             self.scheduler.remove(b)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = FinishReason.ABORT
@@ -191,7 +200,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or self._inflight is not None
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
@@ -200,18 +209,36 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        if prev is not None and (sched.empty or sched.preempted):
+            self._land(prev, chunks)  # nothing to overlap with, or a row left the batch
+            prev = None
+            sched.scheduled[:] = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.empty:
             return chunks
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.first_scheduled is None:
                 s.seq.first_scheduled = now
-        batch, logits = self.runner.execute(sched)
+        batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens)
+        sampling = [s.seq for s in batch if s.samples]  # the logits' rows, in order
+        if prev is not None:  # step N+1 is on the device: now the host takes step N's tokens
+            self.num_overlapped += 1
+            self._land(prev, chunks)
+            if any(s.seq.is_finished for s in batch):  # ended at step N: its extra row is dropped
+                batch = [s for s in batch if not s.seq.is_finished]
         self.scheduler.finish_step(batch)
         self.num_steps += 1
-        sampling = [s.seq for s in batch if s.seq.num_computed_tokens == len(s.seq.token_ids)]
         if not sampling:
             return chunks
+        if self.overlap and all(plain(s) for s in sampling if not s.is_finished):
+            self._defer(sampling, logits)
+            return chunks
+        if any(s.is_finished for s in sampling):
+            keep = [i for i, s in enumerate(sampling) if not s.is_finished]
+            sampling, logits = [sampling[i] for i in keep], logits[keep]
+            if not sampling:
+                return chunks
         if any(s.drafts or s.held_token is not None or s.beam is not None or s.parallel is not None
                for s in sampling):  # one pass for the common batch of plain rows
             sampling, logits = self._special_rows(sampling, logits, chunks)
@@ -224,6 +251,32 @@ class LLMEngine:
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def _defer(self, sampling: list[Sequence], logits: torch.Tensor) -> None:
+        """Greedy tokens stay on the device; rows that may go on get a placeholder token.
+        No tensor is indexed from the host here: that would wait for the device."""
+        seqs: list[Sequence | None] = [None if s.is_finished else s for s in sampling]
+        self._inflight = self._staging.launch(seqs, logits.argmax(dim=-1))
+        max_len = self.config.max_model_len or 0
+        for i, seq in enumerate(seqs):
+            # a row that ends by length with this token needs no next step
+            if (seq is not None and seq.num_output_tokens + 1 < seq.params.max_tokens
+                    and seq.num_tokens + 1 < max_len):
+                seq.token_ids.append(placeholder(i))
+
+    def _land(self, prev: InFlight, chunks: list[TokenChunk]) -> None:
+        """Bring a deferred step's tokens to the host: placeholders become tokens, then the
+        usual stop checks and text."""
+        for seq, tok in zip(prev.seqs, prev.token_list(), strict=True):
+            if seq is None or seq.is_finished:  # dropped, or aborted while in flight
+                continue
+            if seq.token_ids[-1] < 0:
+                seq.token_ids[-1] = tok
+                chunk = self._accept_token(seq, tok, None)
+            else:
+                chunk = self._append_token(seq, tok, None)
+            if chunk is not None:
+                chunks.append(chunk)
 
     def _special_rows(self, sampling: list[Sequence], logits: torch.Tensor,
                       chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:
@@ -354,8 +407,12 @@ class LLMEngine:
         self.block_manager.expire()
 
     def _append_token(self, seq: Sequence, token: int, lp: Logprobs | None) -> TokenChunk | None:
-        p = seq.params
         seq.token_ids.append(token)
+        return self._accept_token(seq, token, lp)
+
+    def _accept_token(self, seq: Sequence, token: int, lp: Logprobs | None) -> TokenChunk | None:
+        """``token`` is the last of ``seq.token_ids``: timing, text, stop checks, the chunk."""
+        p = seq.params
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         prev_len = len(seq.output_text)

@@ -10,6 +10,7 @@ import torch
 
 from pdserve.workers.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from pdserve.workers.models.decoder import CausalLM
+from pdserve.workers.overlap import resolve_placeholders
 from pdserve.workers.quant import kv_head_width
 from pdserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 
@@ -150,24 +151,28 @@ class ModelRunner:
         return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
-        """Run the step; returns the batch in run order and logits [n_sampling, vocab] (fp32)
-        for the sequences that sample, in that order."""
+    def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None
+                ) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Run the step; returns the batch in run order and logits [n_sampling, vocab]
+        for the sequences that sample, in that order. ``pending``: the previous step's
+        tokens on the device, which placeholder ids (overlap.py) stand for."""
         self.copy_blocks(out.block_copies)
         batch = self.order(out.scheduled)
         if self.graphs is not None and self.graphs.fits(len(batch)) and all(
                 s.num_new_tokens == 1 and s.samples for s in batch):
-            return batch, self.model.logits(self._run_graph(batch))
+            return batch, self.model.logits(self._run_graph(batch, pending))
         input_ids, positions, meta, rows = self.prepare(batch)
+        if pending is not None:
+            resolve_placeholders(input_ids, pending)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not rows.numel():
             return batch, torch.empty(0, self.model.config.vocab_size)
         logits = self.model.logits(hidden[rows])
         return batch, logits
 
-    def _run_graph(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def _run_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None) -> torch.Tensor:
         seqs = [s.seq for s in batch]
         pos = [seq.num_computed_tokens for seq in seqs]
         ids = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
         assert self.graphs is not None
-        return self.graphs.run(ids, pos, [seq.block_table for seq in seqs])
+        return self.graphs.run(ids, pos, [seq.block_table for seq in seqs], pending)

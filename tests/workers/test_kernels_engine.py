@@ -91,19 +91,21 @@ def random_prompts(n: int, max_len: int) -> list[list[int]]:
                           (48, True, True)])
 def test_engine_greedy_triton_equals_torch(tmp_path: Path, chunk, graphs, spec):
     """Triton attention (decode through CUDA graphs, or eager; prompts in chunks; every
-    decode step a verification row of the model drafting for itself) gives the reference's
-    tokens."""
+    decode step a verification row of the model drafting for itself; steps overlapped
+    with the one before) gives the synchronous reference's tokens."""
     from pdserve.workers.kernels.attention import TritonAttention
 
     folder = tiny_model_folder(tmp_path)
     prompts = random_prompts(12, 300)
     outs = {}
     for backend in ("torch", "triton"):
+        # the reference runs eager and synchronous; Triton overlaps step N+1 with step N
         eng = engine(folder, "cuda", spec, attention_backend=backend, cuda_graphs=graphs,
-                     long_prefill_token_threshold=chunk)
+                     long_prefill_token_threshold=chunk, async_scheduling=backend == "triton")
         assert isinstance(eng.runner.backend, TritonAttention) == (backend == "triton")
         assert (eng.runner.graphs is not None) == (backend == "triton" and graphs)
         outs[backend] = greedy(eng, prompts, 40)
+        assert (eng.num_overlapped > 0) == (backend == "triton" and not spec)
     assert outs["triton"] == outs["torch"]
 
 
