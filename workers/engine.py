@@ -19,7 +19,7 @@ from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
 from pdserve.workers.models.loader import load_model, resolve_kv_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
-from pdserve.workers.overlap import InFlight, TokenStaging, placeholder, plain
+from pdserve.workers.overlap import InFlight, TokenStaging, plain
 from pdserve.workers.parallel import ParallelGroup, fan_out
 from pdserve.workers.prompt import PromptProcessor
 from pdserve.workers.sampler import Logprobs, Sampler
@@ -29,6 +29,8 @@ from pdserve.workers.sequence import FinishReason, Sequence, SequenceStatus
 from pdserve.workers.spec_decode import SpecConfig, SpecDecoder, verify
 
 logger = logging.getLogger(__name__)
+
+FINISHED = SequenceStatus.FINISHED
 
 MAX_DEFAULT_CONTEXT = 8192
 
@@ -221,20 +223,23 @@ class LLMEngine:
             if s.seq.first_scheduled is None:
                 s.seq.first_scheduled = now
         batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens)
-        sampling = [s.seq for s in batch if s.samples]  # the logits' rows, in order
+        # the logits' rows, in order: the rows that reach their sequence's end
+        sampling = [s.seq for s in batch
+                    if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
+        ended = 0
         if prev is not None:  # step N+1 is on the device: now the host takes step N's tokens
             self.num_overlapped += 1
-            self._land(prev, chunks)
-            if any(s.seq.is_finished for s in batch):  # ended at step N: its extra row is dropped
+            ended = self._land(prev, chunks)
+            if ended:  # rows that ended at step N: their extra row in step N+1 is dropped
                 batch = [s for s in batch if not s.seq.is_finished]
         self.scheduler.finish_step(batch)
         self.num_steps += 1
         if not sampling:
             return chunks
-        if self.overlap and all(plain(s) for s in sampling if not s.is_finished):
-            self._defer(sampling, logits)
+        if self.overlap and all(plain(s) for s in sampling if s.status is not FINISHED):
+            self._defer(sampling, logits, ended)
             return chunks
-        if any(s.is_finished for s in sampling):
+        if ended and any(s.is_finished for s in sampling):
             keep = [i for i, s in enumerate(sampling) if not s.is_finished]
             sampling, logits = [sampling[i] for i in keep], logits[keep]
             if not sampling:
@@ -252,31 +257,40 @@ class LLMEngine:
                 chunks.append(chunk)
         return chunks
 
-    def _defer(self, sampling: list[Sequence], logits: torch.Tensor) -> None:
+    def _defer(self, sampling: list[Sequence], logits: torch.Tensor, ended: int) -> None:
         """Greedy tokens stay on the device; rows that may go on get a placeholder token.
         No tensor is indexed from the host here: that would wait for the device."""
-        seqs: list[Sequence | None] = [None if s.is_finished else s for s in sampling]
+        seqs: list[Sequence | None] = sampling
+        if ended:
+            seqs = [None if s.status is FINISHED else s for s in sampling]
         self._inflight = self._staging.launch(seqs, logits.argmax(dim=-1))
         max_len = self.config.max_model_len or 0
         for i, seq in enumerate(seqs):
-            # a row that ends by length with this token needs no next step
-            if (seq is not None and seq.num_output_tokens + 1 < seq.params.max_tokens
-                    and seq.num_tokens + 1 < max_len):
-                seq.token_ids.append(placeholder(i))
-
-    def _land(self, prev: InFlight, chunks: list[TokenChunk]) -> None:
-        """Bring a deferred step's tokens to the host: placeholders become tokens, then the
-        usual stop checks and text."""
-        for seq, tok in zip(prev.seqs, prev.token_list(), strict=True):
-            if seq is None or seq.is_finished:  # dropped, or aborted while in flight
+            if seq is None:
                 continue
-            if seq.token_ids[-1] < 0:
-                seq.token_ids[-1] = tok
-                chunk = self._accept_token(seq, tok, None)
+            ids = seq.token_ids
+            n = len(ids)
+            # a row that ends by length with this token needs no next step
+            if n + 1 - seq.num_prompt_tokens < seq.params.max_tokens and n + 1 < max_len:
+                ids.append(-1 - i)  # overlap.placeholder(i)
+
+    def _land(self, prev: InFlight, chunks: list[TokenChunk]) -> int:
+        """Bring a deferred step's tokens to the host: placeholders become tokens, then the
+        usual stop checks and text. Returns how many of its sequences ended."""
+        accept, ended = self._accept_token, 0
+        for seq, tok in zip(prev.seqs, prev.token_list(), strict=True):
+            if seq is None or seq.status is FINISHED:  # dropped, or aborted while in flight
+                continue
+            ids = seq.token_ids
+            if ids[-1] < 0:
+                ids[-1] = tok
             else:
-                chunk = self._append_token(seq, tok, None)
+                ids.append(tok)
+            chunk = accept(seq, tok, None)
             if chunk is not None:
                 chunks.append(chunk)
+                ended += chunk.finished or seq.status is FINISHED
+        return ended
 
     def _special_rows(self, sampling: list[Sequence], logits: torch.Tensor,
                       chunks: list[TokenChunk]) -> tuple[list[Sequence], torch.Tensor]:

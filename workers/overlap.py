@@ -34,12 +34,16 @@ def placeholder(row: int) -> int:
 
 def plain(seq: Sequence) -> bool:
     """Whether this row's next token can stay on the device until the next step lands it."""
-    p = seq.params
-    return (p.temperature == 0.0 and p.logprobs is None and not seq.prefill_only
+    ok = seq.overlap_ok
+    if ok is None:  # what cannot change while it runs, worked out once
+        p = seq.params
+        ok = seq.overlap_ok = (
+            p.temperature == 0.0 and p.logprobs is None and not seq.prefill_only
             and seq.beam is None and (seq.parallel is None or seq.parallel.forked)
-            and seq.held_token is None and not seq.drafts and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty
-            and seq.num_output_tokens >= p.min_tokens)
+            and seq.held_token is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+    return ok and not seq.drafts and (
+        not seq.params.min_tokens or len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens)
 
 
 def resolve_placeholders(ids: torch.Tensor, tokens: torch.Tensor) -> None:

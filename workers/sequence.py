@@ -66,6 +66,7 @@ class Sequence:
     drafts: list[int] = field(default_factory=list)  # speculative tokens appended this step
     spec: Any = None  # AdaptiveK: this sequence's number of drafts
     draft_probs: Any = None  # [k, vocab] draft distribution (draft model, sampled requests)
+    overlap_ok: bool | None = None  # overlap.plain's fixed part, once known
 
     def __post_init__(self) -> None:
         if not self.seq_id:
