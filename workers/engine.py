@@ -80,7 +80,7 @@ class LLMEngine:
                                                          else config.attention_backend, self.device),
                                   max_model_len=max_len, cuda_graphs=config.cuda_graphs,
                                   max_num_seqs=config.max_num_seqs)
-        self.sampler = Sampler(self.model_config.eos_token_ids, config.seed)
+        self.sampler = Sampler(self.model_config.eos_token_ids, config.seed, self.device)
         self.prompts = PromptProcessor(self.tokenizer, self.vocab_size, max_len)
         self.requests: dict[str, Sequence] = {}
         self.spec = None
@@ -222,7 +222,8 @@ class LLMEngine:
         for s in sched.scheduled:
             if s.seq.first_scheduled is None:
                 s.seq.first_scheduled = now
-        batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens)
+        batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens,
+                                            as_float=not self.overlap)
         # the logits' rows, in order: the rows that reach their sequence's end
         sampling = [s.seq for s in batch
                     if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
@@ -239,6 +240,7 @@ class LLMEngine:
         if self.overlap and all(plain(s) for s in sampling if s.status is not FINISHED):
             self._defer(sampling, logits, ended)
             return chunks
+        logits = logits.float()
         if ended and any(s.is_finished for s in sampling):
             keep = [i for i, s in enumerate(sampling) if not s.is_finished]
             sampling, logits = [sampling[i] for i in keep], logits[keep]
@@ -258,12 +260,13 @@ class LLMEngine:
         return chunks
 
     def _defer(self, sampling: list[Sequence], logits: torch.Tensor, ended: int) -> None:
-        """Greedy tokens stay on the device; rows that may go on get a placeholder token.
-        No tensor is indexed from the host here: that would wait for the device."""
+        """Tokens are sampled and stay on the device (a greedy argmax in the model's dtype
+        is the same token); rows that may go on get a placeholder token. Nothing here
+        copies from the device or from pageable host memory: that would wait for the GPU."""
         seqs: list[Sequence | None] = sampling
         if ended:
             seqs = [None if s.status is FINISHED else s for s in sampling]
-        self._inflight = self._staging.launch(seqs, logits.argmax(dim=-1))
+        self._inflight = self._staging.launch(seqs, self.sampler.on_device(logits, sampling))
         max_len = self.config.max_model_len or 0
         for i, seq in enumerate(seqs):
             if seq is None:

@@ -151,23 +151,24 @@ class ModelRunner:
         return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None
-                ) -> tuple[list[ScheduledSeq], torch.Tensor]:
+    def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None,
+                as_float: bool = True) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Run the step; returns the batch in run order and logits [n_sampling, vocab]
-        for the sequences that sample, in that order. ``pending``: the previous step's
-        tokens on the device, which placeholder ids (overlap.py) stand for."""
+        (fp32, or the model's dtype if not ``as_float``) for the sequences that sample, in
+        that order. ``pending``: the previous step's tokens on the device, which
+        placeholder ids (overlap.py) stand for."""
         self.copy_blocks(out.block_copies)
         batch = self.order(out.scheduled)
         if self.graphs is not None and self.graphs.fits(len(batch)) and all(
                 s.num_new_tokens == 1 and s.samples for s in batch):
-            return batch, self.model.logits(self._run_graph(batch, pending))
+            return batch, self.model.logits(self._run_graph(batch, pending), as_float)
         input_ids, positions, meta, rows = self.prepare(batch)
         if pending is not None:
             resolve_placeholders(input_ids, pending)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not rows.numel():
             return batch, torch.empty(0, self.model.config.vocab_size)
-        logits = self.model.logits(hidden[rows])
+        logits = self.model.logits(hidden[rows], as_float)
         return batch, logits
 
     def _run_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 still on the device, so the host's work for one step hides behind the GPU's work for
 the one before.
 
-A step whose sampling rows are all *plain* (greedy, no logprobs, no logit edits, no
-beams, drafts or KV-only prefills) does not wait for its tokens. Each row that may go
+A step whose sampling rows are all *plain* (greedy, or drawn without a seed of their own;
+no logprobs, no logit edits, no beams, drafts or KV-only prefills) samples on the device
+(``sampler.sample_on_device``) and does not wait for its tokens. Each row that may go
 on gets a placeholder ``-1 - row`` at the end of ``token_ids``; the scheduler treats it
 as a token like any other (one decode token at that position), and the model runner
 replaces it on the device with row ``row`` of the step's sampled tokens before the
@@ -38,7 +39,8 @@ def plain(seq: Sequence) -> bool:
     if ok is None:  # what cannot change while it runs, worked out once
         p = seq.params
         ok = seq.overlap_ok = (
-            p.temperature == 0.0 and p.logprobs is None and not seq.prefill_only
+            (p.temperature == 0.0 or p.seed is None) and p.logprobs is None
+            and not seq.prefill_only
             and seq.beam is None and (seq.parallel is None or seq.parallel.forked)
             and seq.held_token is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty)

@@ -82,10 +82,63 @@ def _edits_logits(seq: Sequence) -> bool:
             or seq.num_output_tokens < p.min_tokens)
 
 
+def _host_params(rows: list[Sequence], device: torch.device) -> torch.Tensor:
+    """[4, rows] float32 on the device: temperature, top-k (0: off), top-p, min-p; one
+    non-blocking copy through pinned memory, so the host never waits for the device."""
+    vals = torch.tensor([[s.params.temperature or 1.0 for s in rows],
+                         [float(s.params.top_k_or_none or 0) for s in rows],
+                         [s.params.top_p for s in rows], [s.params.min_p for s in rows]],
+                        dtype=torch.float32)
+    if device.type == "cuda":
+        vals = vals.pin_memory()
+    return vals.to(device, non_blocking=True)
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [rows] (int64, on the logits' device) without a host round trip.
+
+    Greedy rows take the argmax; the others draw from ``filter_probs``'s distribution
+    (temperature, top-k, top-p, min-p per row, vectorized) by the exponential race:
+    argmax(p / E) with E ~ Exp(1) is an exact sample of p. Rows must not need the host's
+    per-request generator (a seed), penalties or logprobs (``overlap.plain``)."""
+    greedy = logits.argmax(dim=-1)
+    drawn = [i for i, s in enumerate(seqs) if s.params.temperature != 0.0]
+    if not drawn:
+        return greedy
+    rows = [seqs[i] for i in drawn]
+    idx = torch.tensor(drawn, dtype=torch.int64)
+    if logits.device.type == "cuda":
+        idx = idx.pin_memory()
+    idx = idx.to(logits.device, non_blocking=True)
+    temp, top_k, top_p, min_p = _host_params(rows, logits.device)
+    x = logits.index_select(0, idx).float() / temp[:, None]
+    if any(s.params.top_k_or_none is not None for s in rows):
+        k = top_k.long().clamp(min=1, max=x.shape[1])
+        kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if any(s.params.top_p < 1.0 for s in rows):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    if any(s.params.min_p > 0.0 for s in rows):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return greedy.index_copy(0, idx, (probs / race).argmax(dim=-1))
+
+
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0,
+                 device: torch.device | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+        # unseeded draws made on the device (overlapped steps) take theirs from here
+        self.device_generator = (torch.Generator(device=device).manual_seed(seed)
+                                 if device is not None else self.generator)
+
+    def on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        return sample_on_device(logits, seqs, self.device_generator)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         logits = logits.float()

@@ -120,9 +120,9 @@ def test_every_step_respects_the_token_budget(engine_factory, tiny_llama, run_en
     seen: list[int] = []
     execute = eng.runner.execute
 
-    def spy(out, pending=None):
+    def spy(out, *args, **kwargs):
         seen.append(out.num_tokens)
-        return execute(out, pending)
+        return execute(out, *args, **kwargs)
 
     monkeypatch.setattr(eng.runner, "execute", spy)
     for i in range(6):

@@ -137,3 +137,25 @@ def test_abort_while_a_token_is_in_flight(smol_engine):
     # usage counts the tokens the caller saw, not the one dropped in flight
     assert gone[-1].usage.completion_tokens == sum(len(c.token_ids) for c in gone)
     assert_clean(eng, free)
+
+
+def test_unseeded_draws_overlap_and_leave_greedy_and_seeded_rows_alone(smol_engine):
+    """Rows drawn without a seed sample on the device and overlap; a greedy row next to them
+    keeps its tokens, and a seeded row (host generator, so its steps run synchronously)
+    reproduces the synchronous engine's draw."""
+    drawn = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=14, ignore_eos=True)
+    work = [("g", chat("Name a river."), greedy(max_tokens=14, ignore_eos=True), 0),
+            ("d1", chat("Tell me a story."), drawn, 0), ("d2", chat("Tell me a joke."), drawn, 0),
+            ("seeded", chat("Tell me a story."),
+             SamplingParams(temperature=0.8, seed=11, max_tokens=6, ignore_eos=True), 10)]
+    sync = smol_engine(async_scheduling=False)
+    ref = summary(run_workload(sync, work))
+    eng = smol_engine(async_scheduling=True)
+    free, overlapped = eng.block_manager.num_free_blocks, eng.num_overlapped
+    got = summary(run_workload(eng, work))
+    assert eng.num_overlapped - overlapped >= 9  # the steps before the seeded row arrived
+    assert got["g"] == ref["g"] and got["seeded"] == ref["seeded"]
+    for rid in ("d1", "d2"):
+        assert len(got[rid][0]) == 14 and got[rid][2] == "length"
+    assert got["d1"][0] != ref["d1"][0] or got["d2"][0] != ref["d2"][0]  # other draws, same law
+    assert_clean(eng, free)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.workers.sampler import Sampler, filter_probs
+from pdserve.workers.sampler import Sampler, filter_probs, sample_on_device
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.sequence import Sequence
 
@@ -74,6 +74,29 @@ def test_sampler_draws_follow_the_filtered_distribution():
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.625) < 0.04, freq
     assert draw_counts(SamplingParams(temperature=1.0, min_p=0.2), logits)[3] == 0
     assert draw_counts(SamplingParams(temperature=1.0, top_p=0.01), logits, 300)[0] == 1
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2),
+    SamplingParams(temperature=1.3, top_p=0.7), SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.9, top_k=3, top_p=0.9, min_p=0.05)])
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_device_sampler_draws_follow_the_filtered_distribution(params, device):
+    """The vectorized exponential race draws from exactly what the host sampler draws from,
+    row by row, while greedy rows in the same batch keep their argmax."""
+    logits = torch.log(PROBS) + 0.3
+    n = 20000
+    greedy = seq(SamplingParams(temperature=0.0))
+    batch = [greedy] + [seq(params)] * n + [greedy]
+    gen = torch.Generator(device=device).manual_seed(1)
+    toks = sample_on_device(logits.expand(n + 2, -1).to(device).contiguous(), batch, gen).cpu()
+    assert toks[0] == toks[-1] == 0
+    freq = torch.bincount(toks[1:-1], minlength=4).float() / n
+    want = filter_probs(logits, params.temperature, params.top_k_or_none, params.top_p, params.min_p)
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)
+    assert (freq[want == 0] == 0).all()  # filtered tokens are never drawn
 
 
 def test_top_k_1_and_tiny_temperature_equal_greedy():

@@ -98,5 +98,7 @@ class CausalLM(nn.Module):
             return self.model.norm(x)
         return self.model.norm.add_forward(x, residual)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
+        """``as_float=False``: in the model's dtype (a greedy argmax needs no fp32 copy)."""
+        out = self.lm_head(hidden)
+        return out.float() if as_float else out
