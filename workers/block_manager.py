@@ -94,21 +94,30 @@ class BlockManager:
 
         At least one token is always left to compute: its logits sample the next token.
         """
+        return self.probe_prefix(seq)[0]
+
+    def probe_prefix(self, seq: Sequence) -> tuple[list[Block], BlockHash | None]:
+        """``match_prefix``, and the chained hash of the second full block after the hits
+        (None if there is none): two sequences with equal values would compute at least two
+        identical blocks (the hash chains over everything before) if run side by side."""
         if not self.enable_caching or seq.block_table:
-            return []
+            return [], None
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         hits: list[Block] = []
         parent = None
+        ids, salt = seq.token_ids, seq.cache_salt
         for i in range(max_blocks):
-            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = hash_block(parent, toks, seq.cache_salt)
+            toks = tuple(ids[i * bs:(i + 1) * bs])
+            h = hash_block(parent, toks, salt)
             b = self.pool.lookup(h, toks)
             if b is None:
+                if i + 1 < max_blocks:
+                    return hits, hash_block(h, ids[(i + 1) * bs:(i + 2) * bs], salt)
                 break
             hits.append(b)
             parent = h
-        return hits
+        return hits, None
 
     # -- allocation -------------------------------------------------------
     def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -4,7 +4,9 @@ Every step has a token budget. Running sequences go first (a decode token each,
 or the next chunk of a long prompt); waiting ones are admitted in (priority,
 arrival) order while budget, sequence slots and blocks last. When blocks run out
 the lowest-priority running sequence is preempted by recompute: its blocks are
-freed and it returns to the waiting queue, later resuming where it left off.
+freed and it returns to the waiting queue, later resuming where it left off. A waiting
+sequence that shares two or more uncached blocks with one admitted in the same step is
+held back a step, so it hits those blocks instead of computing them again.
 """
 
 from __future__ import annotations
@@ -137,11 +139,19 @@ class Scheduler:
                 continue
             break  # seq itself was preempted: no room for anything later either
 
-        # 2. Waiting sequences, in (priority, arrival) order, while room lasts.
+        # 2. Waiting sequences, in (priority, arrival) order, while room lasts. One that
+        #    would compute the same uncached blocks as one admitted in this step waits a
+        #    step and then hits them (a burst sharing a new system prompt computes it once).
         if not out.preempted:
+            computing: set[bytes] = set()
+            later: list[tuple[int, float, int, Sequence]] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0][3]
-                hits = self.bm.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+                hits, ahead = (self.bm.probe_prefix(seq) if seq.num_computed_tokens == 0
+                               else ([], None))
+                if ahead is not None and ahead in computing:
+                    later.append(heapq.heappop(self.waiting))
+                    continue
                 computed = seq.num_computed_tokens + len(hits) * self.bm.block_size
                 n = min(seq.num_tokens - computed, budget, chunk_cap)
                 if not self.bm.can_allocate(seq, n, hits):
@@ -155,6 +165,10 @@ class Scheduler:
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+                if ahead is not None:
+                    computing.add(ahead)
+            for entry in later:
+                heapq.heappush(self.waiting, entry)
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

@@ -147,3 +147,24 @@ def test_usage_and_chunks_describe_the_request(engine, run_engine):
     again = run_engine(engine)["u2"]
     assert again[-1].usage.cached_tokens == 16
     assert [c.token_ids for c in again] == [c.token_ids for c in chunks]
+
+
+def test_a_burst_sharing_a_new_prefix_computes_it_once_with_the_same_output(engine_factory, tiny_llama,
+                                                                            run_engine):
+    """Four requests arrive together with the same 48-token prefix: one computes it, the
+    others wait a step and hit it; the tokens equal an engine without prefix caching."""
+    shared = list(range(2000, 2048))
+    outs = {}
+    for caching in (True, False):
+        eng = engine_factory(tiny_llama, num_blocks=64, enable_prefix_caching=caching)
+        if caching:
+            eng.block_manager.pool.reset_prefix_cache()
+        for i in range(4):
+            eng.add_request(f"burst{i}", prompt_token_ids=shared + [3000 + i] * 5,
+                            params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        outs[caching] = run_engine(eng)
+    tokens = {c: {r: [t for ch in chunks for t in ch.token_ids] for r, chunks in o.items()}
+              for c, o in outs.items()}
+    assert tokens[True] == tokens[False]
+    cached = sorted(o[-1].usage.cached_tokens for o in outs[True].values())
+    assert cached == [0, 48, 48, 48]

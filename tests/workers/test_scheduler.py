@@ -142,3 +142,33 @@ def test_randomized_load_respects_budget_slots_and_frees_everything():
         sched.bm.check_integrity()
     assert not sched.has_work() and not live and finished > 50
     assert sched.bm.num_free_blocks == 20 and sched.num_preemptions > 0
+
+
+def test_a_burst_sharing_an_uncached_prefix_computes_it_once():
+    """Requests that would compute the same two or more new blocks side by side: the first
+    runs, the others wait one step and hit its blocks; an unrelated one is not held."""
+    sched = make(max_num_batched_tokens=200)
+    shared = list(range(500, 512))  # three full blocks of BS = 4
+    for i in range(3):
+        sched.add(Sequence(request_id=f"s{i}", token_ids=shared + [600 + i] * 3,
+                           num_prompt_tokens=15, params=SamplingParams(max_tokens=2),
+                           arrival=float(i)))
+    sched.add(make_seq("other", 15, arrival=9.0, first=700))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["s0", "other"]
+    run_step(sched, out)
+    out = sched.schedule()
+    admitted = {s.seq.request_id: s for s in out.scheduled if s.seq.request_id in ("s1", "s2")}
+    assert set(admitted) == {"s1", "s2"}
+    for s in admitted.values():  # both reuse the three shared blocks and compute the tail
+        assert s.seq.num_cached_tokens == 12 and s.num_new_tokens == 3
+    sched.bm.check_integrity()
+
+
+def test_one_shared_block_is_not_worth_a_step():
+    sched = make(max_num_batched_tokens=200)
+    for i in range(2):  # one shared full block, then different
+        sched.add(Sequence(request_id=f"s{i}", token_ids=[1, 2, 3, 4] + [10 * i + 5] * 8,
+                           num_prompt_tokens=12, params=SamplingParams(max_tokens=2),
+                           arrival=float(i)))
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["s0", "s1"]
