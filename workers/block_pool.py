@@ -36,6 +36,8 @@ from pdserve.workers.kv_events import (
     KVEventBatch,
 )
 
+MAX_PENDING_EVENTS = 4096  # events kept for take_events; past it they are dropped (a gap)
+
 
 @dataclass(slots=True, eq=False)
 class Block:
@@ -133,6 +135,7 @@ class BlockPool:
         self._ranked = type(self.policy) is not EvictionPolicy
         self._events: list[KVEvent] = []
         self._event_seq = 0
+        self.num_dropped_events = 0  # times the pending events overflowed (see _emit)
         self.num_evictions = 0
         self.num_expired = 0
 
@@ -167,7 +170,7 @@ class BlockPool:
             out.append(b)
         if evicted:
             self.num_evictions += len(evicted)
-            self._events.append(BlockRemoved(tuple(evicted)))
+            self._emit(BlockRemoved(tuple(evicted)))
         return out
 
     def touch(self, block: Block) -> None:
@@ -253,7 +256,7 @@ class BlockPool:
             stored_tokens.extend(toks)
             parent = h
         if stored_hashes:
-            self._events.append(BlockStored(tuple(stored_hashes), first_parent,
+            self._emit(BlockStored(tuple(stored_hashes), first_parent,
                                             tuple(stored_tokens), self.block_size))
 
     def expire(self, now: float | None = None) -> int:
@@ -271,7 +274,7 @@ class BlockPool:
             self._uncache(b)
             self._file(b)  # free again, now without a hash
         self.num_expired += len(hashes)
-        self._events.append(BlockRemoved(tuple(hashes)))
+        self._emit(BlockRemoved(tuple(hashes)))
         return len(hashes)
 
     def reset_prefix_cache(self) -> bool:
@@ -285,13 +288,23 @@ class BlockPool:
                                   ranked=self.quota is not None)
         if self.quota is not None:
             self.quota = TenantQuota(self.quota.limit, self.policy, self.num_blocks)
-        self._events.append(AllBlocksCleared())
+        self._emit(AllBlocksCleared())
         return True
 
     def cached_hashes(self) -> set[BlockHash]:
         return set(self.cached)
 
     # -- events -------------------------------------------------------------
+    def _emit(self, event: KVEvent) -> None:
+        """Queue an event for ``take_events``. Nobody may be taking them (an offline
+        engine): past MAX_PENDING_EVENTS the queue is dropped and the sequence number
+        skips one, so a consumer that does come sees a gap and resyncs from a snapshot."""
+        self._events.append(event)
+        if len(self._events) > MAX_PENDING_EVENTS:
+            self._events = []
+            self._event_seq += 1
+            self.num_dropped_events += 1
+
     def take_events(self) -> KVEventBatch | None:
         if not self._events:
             return None

@@ -141,6 +141,23 @@ def test_kv_events_carry_chain_parents_tokens_and_increasing_seq_numbers():
     pool.check_integrity()
 
 
+def test_events_nobody_takes_stay_bounded_and_leave_a_gap(monkeypatch):
+    """An offline engine never takes its events: the queue is dropped past its cap, and the
+    sequence number skips one so a late consumer sees a gap (and resyncs)."""
+    from pdserve.workers import block_pool
+
+    monkeypatch.setattr(block_pool, "MAX_PENDING_EVENTS", 3)
+    pool = BlockPool(8, BS)
+    blocks = pool.allocate(5)
+    for i, b in enumerate(blocks):
+        cache(pool, [b], i, parent=h(i - 1) if i else None)
+    assert len(pool._events) <= 3 and pool.num_dropped_events == 1
+    batch = pool.take_events()
+    assert batch is not None and batch.seq == 2  # 1 was skipped: a gap for the consumer
+    assert batch.events == (BlockStored((h(4),), h(3), toks(4), BS),)
+    pool.check_integrity()
+
+
 def test_randomized_pool_operations_keep_invariants_and_event_mirror():
     """Random allocate / touch / free / cache / reset; the events replayed give the cached set."""
     rng = random.Random(0)
