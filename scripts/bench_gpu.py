@@ -405,10 +405,11 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
             run_offline(eng, warm, args.output_len)  # warm-up on other prompts
             engines[(name, caching)] = eng
     runs: dict = {k: [] for k in engines}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         work = {"shared": workload(),
                 "unique": [toks(args.system_len + args.question_len) for _ in range(n)]}
-        for (name, caching), eng in engines.items():
+        order = list(engines.items())
+        for (name, caching), eng in (order if rep % 2 == 0 else order[::-1]):  # no order bias
             r = run_offline(eng, work[name], args.output_len)
             runs[(name, caching)].append(n * args.output_len / r["wall_s"])
     for eng in engines.values():

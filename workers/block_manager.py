@@ -13,12 +13,12 @@ otherwise fail: a session never costs running work a preemption.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-
-import numpy as np
 
 from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.errors import OutOfBlocksError
@@ -36,8 +36,14 @@ def hash_block(parent: BlockHash | None, token_ids: Iterable[int], salt: str | N
         h.update(b"pdserve-root\x00" + (salt.encode() if salt else b""))
     else:
         h.update(parent)
-    h.update(np.asarray(list(token_ids), dtype="<i8").tobytes())
+    ids = token_ids if isinstance(token_ids, (tuple, list)) else tuple(token_ids)
+    h.update(_int64s(len(ids)).pack(*ids))  # little-endian int64s, as numpy's "<i8" would give
     return h.digest()
+
+
+@functools.cache
+def _int64s(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}q")
 
 
 def hash_prompt_blocks(token_ids: list[int], block_size: int, salt: str | None = None) -> list[BlockHash]:

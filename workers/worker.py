@@ -205,6 +205,7 @@ class Worker:
         t0 = time.monotonic()
         payload: KVPayload | DeviceBlocks | None = None
         start_block = 0
+        releasing: asyncio.Future | None = None
         if handle is not None:
             try:
                 start_block = await self.aengine.acall(lambda e: e.reserve(state, handle.num_tokens))
@@ -220,11 +221,8 @@ class Worker:
                 self.aengine.abort(rid)
                 raise
             finally:
-                if release is not None:
-                    try:
-                        await release(handle)
-                    except Exception:  # the prefill worker may be gone; its lease will expire
-                        logger.warning("request %s: lease release failed", rid, exc_info=True)
+                if release is not None:  # off the first token's path; awaited when it ends
+                    releasing = asyncio.ensure_future(_release(release, handle))
             ok = payload is not None or start_block >= handle.num_blocks
             nbytes = payload.nbytes if payload is not None else 0
             via = ("collective" if isinstance(payload, DeviceBlocks) else self.pull_via
@@ -247,6 +245,9 @@ class Worker:
             usage = Usage(state.num_prompt_tokens, len(state.token_ids) - state.num_prompt_tokens,
                           state.num_cached_tokens)
             yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage)
+        finally:
+            if releasing is not None:
+                await releasing
 
     async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
                             ) -> DeviceBlocks | None:
@@ -342,3 +343,10 @@ class Worker:
         if self.channel is not None:
             self.channel.close()
         self.aengine.shutdown()
+
+
+async def _release(release: Callable[[KVHandle], Awaitable[object]], handle: KVHandle) -> None:
+    try:
+        await release(handle)
+    except Exception:  # the prefill worker may be gone; its lease will expire
+        logger.warning("request %s: lease release failed", handle.request_id, exc_info=True)
