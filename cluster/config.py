@@ -99,6 +99,8 @@ class ClusterConfig:
     speculative_method: str | None = None
     num_speculative_tokens: int = 4
     speculative_draft_model: str | None = None  # for method "draft": a local HF folder
+    # Schedule step N+1 while step N runs on the GPU (workers/overlap.py); None: on for CUDA.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +137,8 @@ class ClusterConfig:
             for k, v in rc.resources.items():
                 if v < 0:
                     raise _bad(f"{role}.resources.{k}", f"must be >= 0, got {v}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise _bad("async_scheduling", f"must be true, false or null, got {self.async_scheduling!r}")
         if self.decode.replicas < 1:
             raise _bad("decode.replicas", "at least one decode worker is required")
 

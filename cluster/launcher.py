@@ -40,7 +40,8 @@ def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> Engin
                         worker_id=worker_id, cpu_threads=threads,
                         speculative_method=cfg.speculative_method if role is cfg.decode else None,
                         num_speculative_tokens=cfg.num_speculative_tokens,
-                        speculative_draft_model=cfg.speculative_draft_model)
+                        speculative_draft_model=cfg.speculative_draft_model,
+                        async_scheduling=cfg.async_scheduling)
 
 
 def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> bool:

@@ -92,6 +92,7 @@ def cluster_config(args, pd: bool):
         "device": args.device, "dtype": args.dtype, "enable_prefix_caching": False,
         "max_model_len": max(args.lengths) + args.output_len + 16, "direct_max_tokens": 0,
         "transport": "collective" if pd else "object_store",
+        "async_scheduling": False if args.no_overlap else None,
         "prefill": {**role, "replicas": 1 if pd else 0},
         "decode": {**role, "replicas": 1 if pd else 2}})
 
@@ -159,9 +160,14 @@ def serve(cluster, args, name: str, vocab: int, rng: random.Random, deadline: fl
     from pdserve.cluster.bench import arrival_gaps
     from pdserve.cluster.bench_stats import summarize
 
-    # Warm-up: every length once, then a burst that fills decode batches.
+    # Warm-up: every length once, then staggered arrivals, so that prompts land beside running
+    # decodes on every engine (Triton compiles a kernel variant per new shape on first use).
     for n in args.lengths:
         asyncio.run(one(cluster, f"{name}-warm-{n}", prompts(rng, 1, n, vocab)[0], 4, 0.0))
+    warm = [one(cluster, f"{name}-warm-burst-{i}",
+                prompts(rng, 1, args.lengths[i % len(args.lengths)], vocab)[0], 32, 0.02 * i)
+            for i in range(8 * len(args.lengths))]
+    asyncio.run(gather(warm))
     for rate in args.rates:
         if time.monotonic() > deadline:
             print(json.dumps({**args.base, "bench": "serve", "config": name, "rate": rate,
@@ -201,6 +207,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip rates past this")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model, tiny load")
+    ap.add_argument("--no-overlap", action="store_true", help="engines step synchronously")
+    ap.add_argument("--configs", nargs="+", choices=["pd", "colocated"], default=["pd", "colocated"])
     args = ap.parse_args()
     if args.smoke:
         args.model_shape, args.dtype, args.lengths, args.output_len = "tiny", "float32", [64, 256], 8
@@ -229,7 +237,7 @@ def main() -> None:
              runtime_env={"worker_process_setup_hook": _setup_worker})
     rng = random.Random(0)
     try:
-        for name in ("pd", "colocated"):
+        for name in args.configs:
             t = time.perf_counter()
             cluster = PDCluster.start(cluster_config(args, name == "pd"), model_path=folder)
             print(f"# {name}: cluster up in {time.perf_counter() - t:.1f} s", file=sys.stderr)
