@@ -18,7 +18,7 @@ from pdserve.workers.sampling_params import SamplingParams
 # -- engine configs (no Ray) ----------------------------------------------------------------------
 def test_engine_config_follows_the_role() -> None:
     cfg = ClusterConfig.from_dict({
-        "block_size": 32, "seed": 7, "speculative_method": "ngram",
+        "block_size": 32, "seed": 7, "speculative_method": "ngram", "async_scheduling": False,
         "prefill": {"num_cpus": 3, "num_blocks": 100, "max_num_seqs": 4,
                     "max_num_batched_tokens": 512},
         "decode": {"num_cpus": 0.5, "num_blocks": 200, "max_num_seqs": 32}})
@@ -29,10 +29,13 @@ def test_engine_config_follows_the_role() -> None:
     assert (d.num_blocks, d.max_num_seqs) == (200, 32)
     assert (p.cpu_threads, d.cpu_threads) == (3, 1)  # at least one thread
     assert p.speculative_method is None and d.speculative_method == "ngram"
+    assert p.async_scheduling is False and d.async_scheduling is False
+    assert engine_config(ClusterConfig(), ClusterConfig().decode, "d").async_scheduling is None
 
 
 @pytest.mark.parametrize("field, value", [("direct_max_tokens", -1), ("link_bytes_per_s", 0.0),
-                                          ("transport", "carrier-pigeon"), ("lease_seconds", 0)])
+                                          ("transport", "carrier-pigeon"), ("lease_seconds", 0),
+                                          ("async_scheduling", "yes")])
 def test_bad_cluster_config_names_the_field(field: str, value) -> None:
     with pytest.raises(InvalidRequestError) as e:
         ClusterConfig.from_dict({field: value})
