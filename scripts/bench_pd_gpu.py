@@ -149,6 +149,7 @@ def measure_handoff(cluster, args, vocab: int, copy_bw: float | None, rng: rando
                "via": sorted({h.via for h in hs}), "wire_ms": round(1e3 * wire, 3),
                "wire_gb_s": round(nbytes / max(wire, 1e-9) / 1e9, 2),
                "handoff_ms": round(1e3 * total, 3),
+               "reserve_ms": round(1e3 * statistics.median(h.reserve_seconds for h in hs), 3),
                "handoff_gb_s": round(nbytes / max(total, 1e-9) / 1e9, 2),
                "ttft_ms": round(1e3 * t_first, 2), "handoff_pct_of_ttft": round(100 * total / t_first, 2)}
         if copy_bw:

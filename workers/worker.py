@@ -84,6 +84,7 @@ class HandoffStats:
     recomputed: bool
     via: str = ""  # "collective", "object_store", "grpc", "cached" (all hits) or "recompute"
     wire_seconds: float = 0.0  # collective: the data's own time on the link
+    reserve_seconds: float = 0.0  # of ``seconds``: taking the blocks on the engine thread
 
 
 class Worker:
@@ -209,6 +210,7 @@ class Worker:
         if handle is not None:
             try:
                 start_block = await self.aengine.acall(lambda e: e.reserve(state, handle.num_tokens))
+                reserved = time.monotonic() - t0
             except asyncio.CancelledError:
                 self.aengine.abort(rid)  # the inbox is FIFO: this frees the reservation
                 raise
@@ -228,7 +230,8 @@ class Worker:
             via = ("collective" if isinstance(payload, DeviceBlocks) else self.pull_via
                    if payload is not None else "cached" if ok else "recompute")
             wire = payload.wire_seconds if isinstance(payload, DeviceBlocks) else 0.0
-            self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok, via, wire)
+            self.last_handoff = HandoffStats(nbytes, time.monotonic() - t0, not ok, via, wire,
+                                             reserved)
             self.handoff_log.append((rid, nbytes, self.last_handoff.seconds, not ok))
             self.handoffs.append((rid, self.last_handoff))
             sent = payload if ok else None
