@@ -7,6 +7,7 @@ method; the transports that pull KV from a peer are injected as callables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -75,6 +76,9 @@ class WorkerLoad:
     decode_step_s: float
     block_bytes: int
     time: float
+
+
+RELEASE_WAIT_S = 2.0  # how long a finished stream waits for its lease release to be confirmed
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +253,11 @@ class Worker:
                           state.num_cached_tokens)
             yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage)
         finally:
-            if releasing is not None:
-                await releasing
+            if releasing is not None and not releasing.done():
+                # the release is its own task: a slow or gone prefill worker (its lease then
+                # expires) must not hold this stream's end beyond a bound
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(releasing), RELEASE_WAIT_S)
 
     async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
                             ) -> DeviceBlocks | None:
