@@ -19,7 +19,7 @@ from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.model_runner import ModelRunner, kv_bytes_per_block
 from pdserve.workers.models.loader import load_model, resolve_kv_dtype
 from pdserve.workers.outputs import TokenChunk, Usage
-from pdserve.workers.overlap import InFlight, TokenStaging, plain
+from pdserve.workers.overlap import InFlight, TokenStaging, placeholder, plain
 from pdserve.workers.parallel import ParallelGroup, fan_out
 from pdserve.workers.prompt import PromptProcessor
 from pdserve.workers.sampler import Logprobs, Sampler
@@ -224,9 +224,7 @@ class LLMEngine:
                 s.seq.first_scheduled = now
         batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens,
                                             as_float=not self.overlap)
-        # the logits' rows, in order: the rows that reach their sequence's end
-        sampling = [s.seq for s in batch
-                    if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
+        sampling = [s.seq for s in batch if s.samples]  # the logits' rows, in order
         ended = 0
         if prev is not None:  # step N+1 is on the device: now the host takes step N's tokens
             self.num_overlapped += 1
@@ -275,7 +273,7 @@ class LLMEngine:
             n = len(ids)
             # a row that ends by length with this token needs no next step
             if n + 1 - seq.num_prompt_tokens < seq.params.max_tokens and n + 1 < max_len:
-                ids.append(-1 - i)  # overlap.placeholder(i)
+                ids.append(placeholder(i))
 
     def _land(self, prev: InFlight, chunks: list[TokenChunk]) -> int:
         """Bring a deferred step's tokens to the host: placeholders become tokens, then the

@@ -44,8 +44,7 @@ def plain(seq: Sequence) -> bool:
             and seq.beam is None and (seq.parallel is None or seq.parallel.forked)
             and seq.held_token is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty)
-    return ok and not seq.drafts and (
-        not seq.params.min_tokens or len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens)
+    return ok and not seq.drafts and seq.num_output_tokens >= seq.params.min_tokens
 
 
 def resolve_placeholders(ids: torch.Tensor, tokens: torch.Tensor) -> None:

@@ -82,16 +82,13 @@ def _edits_logits(seq: Sequence) -> bool:
             or seq.num_output_tokens < p.min_tokens)
 
 
-def _host_params(rows: list[Sequence], device: torch.device) -> torch.Tensor:
-    """[4, rows] float32 on the device: temperature, top-k (0: off), top-p, min-p; one
-    non-blocking copy through pinned memory, so the host never waits for the device."""
-    vals = torch.tensor([[s.params.temperature or 1.0 for s in rows],
-                         [float(s.params.top_k_or_none or 0) for s in rows],
-                         [s.params.top_p for s in rows], [s.params.min_p for s in rows]],
-                        dtype=torch.float32)
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on ``device`` through pinned memory and a non-blocking copy, so the host
+    does not wait for the work already queued on the device."""
+    t = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
-        vals = vals.pin_memory()
-    return vals.to(device, non_blocking=True)
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
@@ -106,23 +103,22 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
     drawn = [i for i, s in enumerate(seqs) if s.params.temperature != 0.0]
     if not drawn:
         return greedy
-    rows = [seqs[i] for i in drawn]
-    idx = torch.tensor(drawn, dtype=torch.int64)
-    if logits.device.type == "cuda":
-        idx = idx.pin_memory()
-    idx = idx.to(logits.device, non_blocking=True)
-    temp, top_k, top_p, min_p = _host_params(rows, logits.device)
+    rows = [seqs[i].params for i in drawn]
+    idx = _to_device(drawn, torch.int64, logits.device)
+    temp, top_k, top_p, min_p = _to_device(  # top-k 0: off
+        [[p.temperature for p in rows], [float(p.top_k_or_none or 0) for p in rows],
+         [p.top_p for p in rows], [p.min_p for p in rows]], torch.float32, logits.device)
     x = logits.index_select(0, idx).float() / temp[:, None]
-    if any(s.params.top_k_or_none is not None for s in rows):
+    if any(p.top_k_or_none is not None for p in rows):
         k = top_k.long().clamp(min=1, max=x.shape[1])
         kth = x.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         x = x.masked_fill((top_k[:, None] > 0) & (x < kth), float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    if any(s.params.top_p < 1.0 for s in rows):
+    if any(p.top_p < 1.0 for p in rows):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
-    if any(s.params.min_p > 0.0 for s in rows):
+    if any(p.min_p > 0.0 for p in rows):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return greedy.index_copy(0, idx, (probs / race).argmax(dim=-1))
