@@ -46,6 +46,24 @@ def test_hash_chain_matches_hash_prompt_blocks_and_depends_on_salt():
     assert len(hashes[0]) == 16
 
 
+def test_block_hash_is_blake2b_of_little_endian_int64_ids():
+    """The hash is part of the cluster's contract (router, index and every worker compute it):
+    BLAKE2b-128 over the salted root or the parent, then the ids as little-endian int64,
+    whether the ids come as a tuple, a list or an iterator."""
+    import hashlib
+
+    import numpy as np
+
+    ids = [0, 1, 49151, 2**40, -1]
+
+    def ref(prefix: bytes) -> bytes:
+        return hashlib.blake2b(prefix + np.asarray(ids, dtype="<i8").tobytes(), digest_size=16).digest()
+
+    root = ref(b"pdserve-root\x00tenant")
+    assert hash_block(None, tuple(ids), "tenant") == hash_block(None, iter(ids), "tenant") == root
+    assert hash_block(root, ids) == ref(root)
+
+
 def test_prefix_hit_shares_full_blocks_and_always_leaves_a_token_to_compute():
     bm = BlockManager(16, BS)
     a = make_seq("a", list(range(12)))
