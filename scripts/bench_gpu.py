@@ -13,6 +13,7 @@ Prints one JSON line per measurement:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -85,8 +86,8 @@ def random_model(cfg_dict: dict, dtype: torch.dtype, device: str):
 
 def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num_seqs: int,
                 prefix_caching: bool = False, device: str = "cuda", **extra):
-    """variant: an attention backend name, with "-eager" for no CUDA graphs and/or "-sync"
-    for no overlapped scheduling; ``extra``: more EngineConfig fields (speculation, ...)."""
+    """variant: an attention backend name, with "-eager" for no CUDA graphs, "-sync" for no
+    overlapped scheduling and/or "-unfused" for separate q/k/v and gate/up projections; ``extra``: more EngineConfig fields (speculation, ...)."""
     from pdserve.workers import engine as engine_mod
     from pdserve.workers.config import EngineConfig
 
@@ -99,7 +100,12 @@ def make_engine(model, cfg_dict: dict, folder: Path, args, variant: str, max_num
                           attention_backend=variant.split("-")[0],
                           cuda_graphs="-eager" not in variant,
                           async_scheduling="-sync" not in variant, **extra)
-    with mock.patch.object(engine_mod, "load_model", return_value=model):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(engine_mod, "load_model", return_value=model))
+        if "-unfused" in variant:  # separate q/k/v and gate/up GEMMs, for an A/B in one run
+            for layer in model.model.layers:
+                layer.self_attn.qkv = layer.mlp.gate_up = None
+            stack.enter_context(mock.patch.object(type(model), "fuse_projections", lambda self: None))
         return engine_mod.LLMEngine(config, model_path=folder, tokenizer=StubTokenizer())
 
 
@@ -431,17 +437,49 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
 
 
 def profile_decode(eng, prompts, args, path: Path) -> None:
-    """Profile a few decode-only steps at full batch: GPU kernel time vs host time."""
+    """Profile the prefill steps, then a few decode-only steps at full batch: GPU kernel
+    time vs host time."""
     from torch.profiler import ProfilerActivity, profile
 
     from pdserve.workers.sampling_params import SamplingParams
 
+    import cProfile
+    import io
+    import pstats
+
+    def prefilling() -> bool:
+        return bool(eng.scheduler.waiting) or any(s.num_tokens - s.num_computed_tokens > 1
+                                                  for s in eng.scheduler.running)
+
+    def drain() -> None:
+        for rid in list(eng.requests):
+            eng.abort_request(rid)
+        while eng.has_unfinished():
+            eng.step()
+
     sp = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):  # the prefill phase's host time, by Python function
+        eng.add_request(f"c{i}", prompt_token_ids=p, params=sp)
+    torch.cuda.synchronize()
+    pre_prof = cProfile.Profile()
+    pre_prof.enable()
+    while prefilling():
+        eng.step()
+    torch.cuda.synchronize()
+    pre_prof.disable()
+    pre_py = io.StringIO()
+    pstats.Stats(pre_prof, stream=pre_py).sort_stats("tottime").print_stats(30)
+    drain()
     for i, p in enumerate(prompts):
         eng.add_request(f"p{i}", prompt_token_ids=p, params=sp)
-    while eng.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1
-                                       for s in eng.scheduler.running):
-        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        while prefilling():
+            eng.step()
+        torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t
+    prefill_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     for _ in range(3):
         eng.step()
     torch.cuda.synchronize()
@@ -449,10 +487,6 @@ def profile_decode(eng, prompts, args, path: Path) -> None:
     for _ in range(10):
         eng.step()
     plain_ms = (time.perf_counter() - t) / 10 * 1e3
-    import cProfile
-    import io
-    import pstats
-
     cpu_prof = cProfile.Profile()
     cpu_prof.enable()
     for _ in range(10):
@@ -470,12 +504,11 @@ def profile_decode(eng, prompts, args, path: Path) -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"wall per decode step: {plain_ms:.3f} ms; under the profiler: {wall * 1e3:.2f} ms\n\n"
-                    f"{table}\n\nby host time:\n{cpu_table}\n\nPython, 10 steps:\n{py.getvalue()}\n")
-    for rid in list(eng.requests):
-        eng.abort_request(rid)
-    while eng.has_unfinished():
-        eng.step()
+    path.write_text(f"prefill phase under the profiler: {prefill_s * 1e3:.1f} ms\n\n{prefill_table}\n\n"
+                    f"wall per decode step: {plain_ms:.3f} ms; under the profiler: {wall * 1e3:.2f} ms\n\n"
+                    f"{table}\n\nby host time:\n{cpu_table}\n\nPython, 10 steps:\n{py.getvalue()}\n\n"
+                    f"Python, the prefill phase:\n{pre_py.getvalue()}\n")
+    drain()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class ModelRunner:
                  device: torch.device, kv_dtype: torch.dtype | None = None,
                  backend: AttentionBackend | None = None, max_model_len: int | None = None,
                  cuda_graphs: bool = False, max_num_seqs: int = 0) -> None:
+        if device.type == "cuda":
+            # One GEMM for q/k/v and one for gate/up: fewer, wider kernels (the CPU keeps
+            # transformers' separate products, which its exactness tests compare against).
+            model.fuse_projections()
         self.model = model
         self.block_size = block_size
         self.device = device

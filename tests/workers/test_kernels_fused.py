@@ -100,11 +100,27 @@ def test_silu_mul_matches_layers(dtype, shape):
     close(silu_mul(gate, up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 256), (33, 9728), (7, 2000), (3, 5, 96)])
+def test_silu_mul_halves_matches_silu_mul(dtype, shape):
+    """On the fused gate/up output [.., 2I]: the same bits as silu_mul of its two halves."""
+    from pdserve.workers.kernels.fused import silu_mul, silu_mul_halves
+
+    skip_interpreted_bf16(dtype)
+    torch.manual_seed(shape[-1])
+    gate_up = torch.randn(shape, dtype=dtype, device=DEVICE) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = silu_mul_halves(gate_up)
+    assert torch.equal(out, silu_mul(gate, up))
+    close(out, F.silu(gate) * up)
+
+
 @pytest.mark.skipif(INTERPRET, reason="the model takes the fused path on CUDA only")
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decoder_fused_matches_unfused(monkeypatch, model_type, dtype):
-    """A whole forward pass with the fused kernels against the same model with none."""
+    """A whole forward pass with the fused kernels and the fused q/k/v and gate/up GEMMs
+    against the same model with neither."""
     from pdserve.workers.attention import AttentionMetadata, TorchAttention
     from pdserve.workers.models import layers
     from pdserve.workers.models.config import ModelConfig
@@ -115,6 +131,8 @@ def test_decoder_fused_matches_unfused(monkeypatch, model_type, dtype):
                max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
     if model_type == "qwen3":
         cfg.update(head_dim=64)  # q/k norms over [T, heads, 64] rows
+    if model_type == "qwen2":
+        cfg.update(attention_bias=True)  # the fused projection carries the q/k/v biases
     torch.manual_seed(5)
     model = CausalLM(ModelConfig.from_dict(cfg))
     with torch.no_grad():
@@ -140,8 +158,11 @@ def test_decoder_fused_matches_unfused(monkeypatch, model_type, dtype):
             return model.logits(model(ids, pos, caches, meta, TorchAttention()))
 
     assert layers.fused_ops(ids) is not None
+    with monkeypatch.context() as m:
+        m.setattr(layers, "fused_ops", lambda x: None)
+        ref = run()
+    model.fuse_projections()
+    assert model.model.layers[0].self_attn.qkv is not None
     fused = run()
-    monkeypatch.setattr(layers, "fused_ops", lambda x: None)
-    ref = run()
     err = float((fused - ref).norm() / ref.norm())
     assert err < {torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype], err

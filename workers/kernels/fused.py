@@ -150,3 +150,28 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         block = 2048
         _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=8)
     return out
+
+
+@triton.jit
+def _silu_mul_halves_kernel(X, Y, inter, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + inter + offs, mask=mask, other=0.0)
+    a = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
+    tl.store(Y + row * stride_y + offs, (a.to(tl.float32) * u.to(tl.float32)).to(Y.dtype.element_ty),
+             mask=mask)
+
+
+def silu_mul_halves(gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_mul` of the two halves of the last dimension of ``gate_up`` [T, 2 * I]
+    (the fused gate/up projection's output), read in place."""
+    x = _rows(gate_up)
+    inter = x.shape[1] // 2
+    out = torch.empty((x.shape[0], inter), dtype=x.dtype, device=x.device)
+    if x.shape[0] and inter:
+        block = min(2048, triton.next_power_of_2(inter))
+        _silu_mul_halves_kernel[(x.shape[0], triton.cdiv(inter, block))](
+            x, out, inter, x.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*gate_up.shape[:-1], inter)

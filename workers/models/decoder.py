@@ -7,11 +7,12 @@ safetensors weights load by name.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pdserve.workers.attention import AttentionBackend, AttentionMetadata
 from pdserve.workers.models.config import ModelConfig
-from pdserve.workers.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, rotate_qk
+from pdserve.workers.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears, rotate_qk
 
 
 class Attention(nn.Module):
@@ -31,13 +32,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one GEMM; q, k, v are column slices of its output (the kernels take strides)
+            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, *self.qkv).split((nq, nk, nk), dim=-1)
+        return (q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim),
+                v.view(t, self.num_kv_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate_qk(q, k, cos, sin)
@@ -97,6 +110,16 @@ class CausalLM(nn.Module):
         if residual is None:
             return self.model.norm(x)
         return self.model.norm.add_forward(x, residual)[0]
+
+    def fuse_projections(self) -> None:
+        """Run q/k/v as one GEMM and gate/up as one in every layer (idempotent; quantized
+        projections stay as they are). Call it last: the fused weights are not parameters,
+        so a later ``.to()`` would not move them."""
+        for layer in self.model.layers:
+            if layer.self_attn.qkv is None:
+                layer.self_attn.fuse()
+            if layer.mlp.gate_up is None:
+                layer.mlp.fuse()
 
     def logits(self, hidden: torch.Tensor, as_float: bool = True) -> torch.Tensor:
         """``as_float=False``: in the model's dtype (a greedy argmax needs no fp32 copy)."""

@@ -60,6 +60,32 @@ class RMSNorm(nn.Module):
         return rms_norm(residual, self.weight, self.eps), residual
 
 
+def fuse_linears(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight [sum(out), in] (and bias) for linears that read the same input, so one
+    GEMM replaces several. Each linear's parameters become views into the fused tensors:
+    names, ``state_dict()`` and memory stay as they were. None when the linears cannot share
+    a GEMM (quantized, or differing dtype, device or bias)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    ws = [m.weight for m in linears]
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1:
+        return None
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    with torch.no_grad():
+        weight = torch.cat(ws)
+        bias = None if biases[0] is None else torch.cat(biases)
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if not scaling:
@@ -114,8 +140,21 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # fused weight, see fuse()
+
+    def fuse(self) -> None:
+        fused = fuse_linears(self.gate_proj, self.up_proj)
+        if fused is not None:
+            self.gate_up = fused[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gu = F.linear(x, self.gate_up)
+            ops = fused_ops(gu)
+            if ops is not None:
+                return self.down_proj(ops.silu_mul_halves(gu))
+            gate, up = gu.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         gate, up = self.gate_proj(x), self.up_proj(x)
         ops = fused_ops(gate)
         if ops is not None and gate.dtype == up.dtype:
