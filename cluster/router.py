@@ -266,19 +266,22 @@ class Router:
             self.counters["prefix_imports"] += 1
         act.holder = p
         t_start = time.monotonic()
-        ref = p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks)
+        # The prefill worker pushes the blocks to the chosen decode worker as soon as the
+        # prompt is done (collective transport), so no call sits between the two.
+        ref = p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks, d.worker_id)
         try:
             res = await ref
         except asyncio.CancelledError:
             # The abort sent on cancel can overtake the prefill on its worker; whatever
             # lease the prefill ends with is released when it arrives.
-            self._spawn(self._release_result(p, ref, req.request_id))
+            self._spawn(self._release_result(p, ref, req.request_id, d))
             raise
         t_prefilled = time.monotonic()
         if res.chunk.token_ids or res.chunk.finished:  # KV-only prefills sample nothing
             yield res.chunk
         if res.chunk.finished or act.cancelled:
             if res.handle is not None:
+                self._drop_push(d, res)
                 await p.actor.release.remote(res.handle.lease_id)
             return
         act.lease = (p, res.handle.lease_id)
@@ -287,7 +290,10 @@ class Router:
             act.holder = d_try
             try:
                 first = True
-                async for chunk in self._stream(d_try.actor.decode.remote(res.state, res.handle, p.actor)):
+                pushed = res.pushed if d_try is d else None
+                gen = d_try.actor.decode.remote(res.state, res.handle, p.actor, pushed,
+                                                res.pushed is None)
+                async for chunk in self._stream(gen):
                     if first:
                         first = False
                         act.lease = None  # the decode worker has pulled and released it
@@ -314,13 +320,20 @@ class Router:
         except Exception:  # gone, or already released: its lease expires on its own
             logger.debug("request %s: release of %s failed", request_id, lease_id, exc_info=True)
 
-    async def _release_result(self, p: _WorkerRef, ref: Any, request_id: str) -> None:
+    async def _release_result(self, p: _WorkerRef, ref: Any, request_id: str,
+                              d: _WorkerRef) -> None:
         try:
             res = await ref
         except Exception:
             return
         if res.handle is not None:
+            self._drop_push(d, res)
             await self._release(p, res.handle.lease_id, request_id)
+
+    def _drop_push(self, d: _WorkerRef, res: Any) -> None:
+        """A push nobody will decode is still read off the channel (its sender waits)."""
+        if res.pushed is not None:
+            d.actor.drop_pushed.remote(res.handle, res.pushed)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -145,13 +145,19 @@ def measure_handoff(cluster, args, vocab: int, copy_bw: float | None, rng: rando
         wire = statistics.median(h.wire_seconds for h in hs)
         total = statistics.median(h.seconds for h in hs)
         t_first = statistics.median(ttft[1:])
+        # the router's view: first token (from the prefill worker) -> second (from the
+        # decode worker): the call to the decode worker, the handoff and one decode step
+        timings = {t["request_id"]: t for t in ray.get(cluster.router.request_timings.remote())}
+        gap = statistics.median(timings[rid]["second_token_s"] - timings[rid]["first_token_s"]
+                                for rid in rids[1:] if rid in timings) if timings else 0.0
         row = {"bench": "pd_handoff", "prompt_tokens": n, "kv_mb": round(nbytes / 1e6, 2),
                "via": sorted({h.via for h in hs}), "wire_ms": round(1e3 * wire, 3),
                "wire_gb_s": round(nbytes / max(wire, 1e-9) / 1e9, 2),
                "handoff_ms": round(1e3 * total, 3),
                "reserve_ms": round(1e3 * statistics.median(h.reserve_seconds for h in hs), 3),
                "handoff_gb_s": round(nbytes / max(total, 1e-9) / 1e9, 2),
-               "ttft_ms": round(1e3 * t_first, 2), "handoff_pct_of_ttft": round(100 * total / t_first, 2)}
+               "ttft_ms": round(1e3 * t_first, 2), "handoff_pct_of_ttft": round(100 * total / t_first, 2),
+               "first_to_second_token_ms": round(1e3 * gap, 3)}
         if copy_bw:
             row["wire_fraction_of_copy"] = round(nbytes / max(wire, 1e-9) / copy_bw, 3)
         print(json.dumps({**args.base, **row}), flush=True)

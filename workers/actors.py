@@ -74,13 +74,29 @@ class EngineWorkerActor:
             yield chunk
 
     async def prefill(self, req: GenerateRequest, prefix_source: Any = None,
-                      prefix_blocks: int = 0, have_blocks: int = 0) -> PrefillResult:
+                      prefix_blocks: int = 0, have_blocks: int = 0,
+                      push_to: str | None = None) -> PrefillResult:
+        """``push_to``: the decode worker chosen for the request; over the collective
+        transport its blocks are pushed to it as soon as the prefill ends."""
         if prefix_source is not None and prefix_blocks > have_blocks:
             await self._import_prefix(req, prefix_source, have_blocks, prefix_blocks)
-        return await self.worker.prefill(req)
+        if self._faults.get("channel_header", 0) > 0:
+            push_to = None  # the fault is in a pull's header: this handoff is pulled
+        corrupt = push_to is not None and self._faults.get("corrupt_channel", 0) > 0
+        if corrupt:
+            self._faults["corrupt_channel"] -= 1
+        return await self.worker.prefill(req, push_to if self.transport == "collective" else None,
+                                         corrupt)
 
-    async def decode(self, state: SeqState, handle: KVHandle | None,
-                     source: Any = None) -> AsyncIterator[TokenChunk]:
+    async def drop_pushed(self, handle: KVHandle, tid: int) -> None:
+        await self.worker.drop_pushed(handle, tid)
+
+    async def decode(self, state: SeqState, handle: KVHandle | None, source: Any = None,
+                     pushed: int | None = None, channel: bool = True
+                     ) -> AsyncIterator[TokenChunk]:
+        """``pushed``: the transfer id the source pushed the blocks under; ``channel``
+        False: never pull over the channel (a retry of a request pushed elsewhere: the
+        source's sends to this worker may hold pushes, which a pull would read)."""
         async def pull(h: KVHandle, start: int) -> KVPayload:
             if self.transport == "grpc":
                 return await kv_grpc.pull(h, start)
@@ -93,10 +109,10 @@ class EngineWorkerActor:
         async def ask(h: KVHandle, start: int, tid: int) -> int:
             return await source.send_lease.remote(h.lease_id, start, self.worker.channel.rank, tid)
 
-        channel = self.transport == "collective" and source is not None
+        channel = channel and self.transport == "collective" and source is not None
         async for chunk in self.worker.decode(state, handle, pull if source or handle else None,
                                               release if source is not None else None,
-                                              ask if channel else None):
+                                              ask if channel else None, pushed):
             yield chunk
 
     async def _import_prefix(self, req: GenerateRequest, source: Any, have: int, want: int) -> None:
@@ -170,8 +186,9 @@ class EngineWorkerActor:
     def inject_fault(self, kind: str, count: int = 1) -> None:
         """Test hook: a deliberate fault for the next ``count`` exports: ``corrupt_export``
         (one byte flipped after the checksums), ``delay_export`` (FAULT_DELAY_S late), or
-        for channel sends ``corrupt_channel`` (a byte flipped after the digest) and
-        ``channel_header`` (the header names another transfer)."""
+        for channel sends ``corrupt_channel`` (a byte flipped after the digest, on the next
+        push or pulled send) and ``channel_header`` (the next handoff is pulled, not pushed,
+        and its header names another transfer)."""
         if kind not in ("corrupt_export", "delay_export", "corrupt_channel", "channel_header"):
             raise ValueError(f"unknown fault {kind!r}")
         self._faults[kind] = count

@@ -25,6 +25,13 @@ from P answers D's i-th ask, and the transfer id in it proves it. Pairs share no
 one TCP pair per peer; NCCL: torch forms a two-rank communicator and stream per pair for
 single send/recv), and no thread ever waits on two peers, so no cycle of waits can form.
 
+A push (the prefill worker P sends as soon as its prefill ends, to the decode worker the
+router already chose; no ask) keeps the same per-pair FIFO on P's side. D cannot know that
+order, so D receives pushes through a mailbox per peer: while anyone waits for a push from P,
+one receive loop reads P's headers in P's order, sizes the data from each header, and hands
+the blocks to whoever waits for that transfer id (or keeps them until that one asks). A pull
+and a push never share a pair at the same time: D holds ``lock[P]`` for either.
+
 A failure that leaves the pair's order unknown (peer gone, a header of another transfer)
 breaks the pair for good: its handoffs use the object store. An operation past its deadline
 closes this worker's whole channel (gloo closes every pair of a rank on a timeout; a posted NCCL
@@ -42,7 +49,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -70,6 +77,8 @@ TAG = 0
 # NCCL completion is polled (a posted NCCL op has no wait with a timeout): spin (yielding the
 # GIL) through the first SPIN_S, where a transfer over NVLink ends, then sleep between polls.
 SPIN_S, POLL_S = 2e-3, 100e-6
+# A pushed transfer nobody took (its request was cancelled on the way) is dropped after this.
+UNCLAIMED_S = 60.0
 NCCL_PG_TIMEOUT = timedelta(hours=24)  # the watchdog must not outrun our own deadlines
 
 
@@ -101,6 +110,21 @@ def listen(host: str) -> tuple[TCPStore, int]:
     """Rank 0: the rendezvous store, on a free port of this host (kept open by the caller)."""
     store = TCPStore(host, 0, None, True, timedelta(seconds=60), wait_for_workers=False)
     return store, store.port
+
+
+@dataclass(slots=True)
+class _Mailbox:
+    """Pushes from one peer: who waits for which transfer, and what came before its taker."""
+
+    waiting: dict[int, asyncio.Future] = field(default_factory=dict)
+    arrived: dict[int, tuple[float, DeviceBlocks | KVChannelError]] = field(default_factory=dict)
+    pump: asyncio.Future | None = None
+
+
+def _outcome(got: DeviceBlocks | KVChannelError) -> DeviceBlocks:
+    if isinstance(got, KVChannelError):
+        raise got
+    return got
 
 
 def _consume(fut: asyncio.Future) -> None:
@@ -147,8 +171,13 @@ class KVChannel:
         self._peer_locks: dict[int, asyncio.Lock] = {}
         self._recv_pool = ThreadPoolExecutor(2 * spec.world_size, thread_name_prefix="kv-recv")
         self._tids = itertools.count(1)
+        self._boxes: dict[int, _Mailbox] = {}  # pushes from each peer
 
     # -- state ----------------------------------------------------------------------------
+    def new_transfer_id(self) -> int:
+        """An id no other transfer of this channel has (its rank in the high bits)."""
+        return (self.rank << 40) | next(self._tids)
+
     def usable(self, peer: int) -> bool:
         return not self._closed and peer not in self._broken and peer != self.rank
 
@@ -273,8 +302,65 @@ class KVChannel:
                                      broken=True) from err
             return await recv
 
+    async def take(self, peer: int, tid: int, layout: KVLayout) -> DeviceBlocks:
+        """The blocks ``peer`` pushed (or is pushing) as transfer ``tid``; raises
+        KVChannelError. A caller that gives up leaves the receive to its end; the blocks
+        are then dropped (a push is always read off the pair, so P's sends never stall)."""
+        self._check_usable(peer)
+        box = self._boxes.get(peer)
+        if box is None:
+            box = self._boxes[peer] = _Mailbox()
+        kept = box.arrived.pop(tid, None)
+        if kept is not None:
+            return _outcome(kept[1])
+        fut = box.waiting.get(tid)
+        if fut is None:
+            fut = box.waiting[tid] = asyncio.get_running_loop().create_future()
+            _consume(fut)
+        if box.pump is None or box.pump.done():
+            box.pump = asyncio.ensure_future(self._pump(peer, box, layout))
+            _consume(box.pump)
+        return await asyncio.shield(fut)
+
+    async def _pump(self, peer: int, box: _Mailbox, layout: KVLayout) -> None:
+        """Read ``peer``'s pushes in its order while anyone waits for one."""
+        loop = asyncio.get_running_loop()
+        lock = self._peer_locks.setdefault(peer, asyncio.Lock())
+        async with lock:  # no pull from this peer in between
+            while box.waiting:
+                try:
+                    tid, got = await loop.run_in_executor(self._recv_pool, self._receive, peer,
+                                                          layout, None, None)
+                except Exception as e:  # the pair is broken: every waiter learns it
+                    err = e if isinstance(e, KVChannelError) else KVChannelError(str(e), peer, True)
+                    for fut in box.waiting.values():
+                        if not fut.done():
+                            fut.set_exception(err)
+                    box.waiting.clear()
+                    return
+                fut = box.waiting.pop(tid, None)
+                if fut is None:  # its taker has not come yet
+                    now = time.monotonic()
+                    for old in [t for t, (at, _) in box.arrived.items() if now - at > UNCLAIMED_S]:
+                        del box.arrived[old]
+                    box.arrived[tid] = (now, got)
+                elif isinstance(got, KVChannelError):
+                    fut.set_exception(got)
+                else:
+                    fut.set_result(got)
+
     def recv(self, peer: int, tid: int, layout: KVLayout, num_blocks: int) -> DeviceBlocks:
         """Blocking receive of one transfer (the caller holds the pair's order, see pull)."""
+        got = self._receive(peer, layout, tid, num_blocks)[1]
+        if isinstance(got, KVChannelError):
+            raise got
+        return got
+
+    def _receive(self, peer: int, layout: KVLayout, tid: int | None, num_blocks: int | None
+                 ) -> tuple[int, DeviceBlocks | KVChannelError]:
+        """The next transfer from ``peer``: (its id, its blocks or the error that leaves the
+        pair in step). ``tid``/``num_blocks`` None (a push): whatever the header says.
+        Raises KVChannelError when the pair is broken."""
         deadline = time.monotonic() + self.timeout_s
         try:
             with self._on_stream(peer):
@@ -282,7 +368,13 @@ class KVChannel:
                 self._wait(self._pg.recv([head], peer, TAG), deadline)
                 h = head.tolist()
                 t0 = time.monotonic()
-                self._check_header(h, peer, tid, layout, num_blocks)
+                if tid is None:
+                    tid = h[H_TID]
+                if num_blocks is None:
+                    num_blocks = h[H_BLOCKS]
+                err = self._check_header(h, peer, tid, layout, num_blocks)
+                if err is not None:
+                    return tid, err
                 shape = (layout.num_layers, 2, num_blocks, layout.block_size,
                          layout.num_kv_heads, layout.head_width)
                 data = torch.empty(shape, dtype=_DTYPES[layout.dtype], device=self.device)
@@ -298,19 +390,19 @@ class KVChannel:
             raise KVChannelError(f"receive of transfer {tid} from rank {peer} failed: {e}", peer,
                                  broken=True) from e
         if got != h[H_DIGEST]:
-            raise KVChannelError(f"transfer {tid} from rank {peer}: digest mismatch", peer,
-                                 broken=False, corrupt=True)
-        return DeviceBlocks(layout, data, seconds)
+            return tid, KVChannelError(f"transfer {tid} from rank {peer}: digest mismatch", peer,
+                                       broken=False, corrupt=True)
+        return tid, DeviceBlocks(layout, data, seconds)
 
     def _check_header(self, h: list[int], peer: int, tid: int, layout: KVLayout,
-                      num_blocks: int) -> None:
+                      num_blocks: int) -> KVChannelError | None:
         if h[H_MAGIC] != MAGIC or h[H_VERSION] != VERSION or h[H_TID] != tid:
             self._fail(peer, f"expected transfer {tid}, got header {h[:4]}")
             raise KVChannelError(f"rank {peer} sent a header for another transfer "
                                  f"({h[H_TID]}, expected {tid})", peer, broken=True)
         if h[H_STATUS] == STATUS_NO_LEASE:  # nothing follows: the pair is still in step
-            raise KVChannelError(f"rank {peer} holds no such lease (transfer {tid})", peer,
-                                 broken=False)
+            return KVChannelError(f"rank {peer} holds no such lease (transfer {tid})", peer,
+                                  broken=False)
         want = [STATUS_OK, num_blocks * layout.block_bytes, num_blocks, layout.num_layers,
                 layout.block_size, layout.num_kv_heads, layout.head_dim, DTYPE_CODES[layout.dtype]]
         got = h[H_STATUS:H_DTYPE + 1]
@@ -319,3 +411,4 @@ class KVChannel:
             self._fail(peer, f"header {got} does not match {want}")
             raise KVChannelError(f"transfer {tid} from rank {peer}: header {got}, expected "
                                  f"{want} (status, bytes, blocks, layout)", peer, broken=True)
+        return None

@@ -60,6 +60,7 @@ class PrefillResult:
     state: SeqState | None
     prefill_seconds: float  # submit -> first token on the prefill worker (queue included)
     queue_seconds: float = 0.0  # of which waiting in the prefill worker's queue
+    pushed: int | None = None  # the channel transfer id its blocks are on their way under
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ class Worker:
         self.channel: KVChannel | None = None
         self.channel_ranks: dict[str, int] = {}  # worker id -> rank in the channel
         self.num_channel_failures = 0
+        self.num_pushed = 0  # handoffs whose blocks the source pushed (and that arrived)
 
     # -- whole requests on this worker (colocated / direct path) ------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -123,8 +125,12 @@ class Worker:
             yield chunk
 
     # -- prefill role ----------------------------------------------------------------
-    async def prefill(self, req: GenerateRequest) -> PrefillResult:
-        """Run the prompt, sample the first token, keep the blocks under a lease."""
+    async def prefill(self, req: GenerateRequest, push_to: str | None = None,
+                      corrupt: bool = False) -> PrefillResult:
+        """Run the prompt, sample the first token, keep the blocks under a lease. With
+        ``push_to`` (the decode worker the router chose) reachable over the channel, the
+        blocks are sent to it at once, before this returns (``pushed``: the transfer id
+        it takes them by). ``corrupt`` (a test hook) flips a byte after the digest."""
         t0 = time.monotonic()
 
         def start(engine: DisaggEngine) -> None:
@@ -155,19 +161,17 @@ class Worker:
         uncached = len(req.prompt_token_ids) - state.num_cached_tokens
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
-        return PrefillResult(first, handle, state, dt, queued)
+        pushed = None
+        peer = None if push_to is None else self.channel_ranks.get(push_to)
+        if self.channel is not None and peer is not None and self.channel.usable(peer):
+            pushed = self.channel.new_transfer_id()
+            sent = self.channel.send(peer, pushed, self._gather(handle.lease_id, 0, corrupt))
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged there
+        return PrefillResult(first, handle, state, dt, queued, pushed)
 
-    async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
-        return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
-
-    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
-                         transfer_id: int, corrupt: bool = False) -> int:
-        """The source side of a channel pull; returns the bytes sent. ``lease_id`` None: an
-        empty transfer (a ping). ``corrupt`` (a test hook) flips a byte after the digest."""
-        if self.channel is None:
-            raise KVChannelError("this worker has no KV channel", peer, broken=True)
-
-        def make() -> Outgoing:  # on the channel's send thread for ``peer``
+    def _gather(self, lease_id: str | None, start_block: int, corrupt: bool
+                ) -> Callable[[], Outgoing]:
+        def make() -> Outgoing:  # on the channel's send thread for the peer
             try:
                 out = self.engine.outgoing(lease_id, start_block)
             except Exception:  # still answer: the receiver must not wait for its deadline
@@ -178,6 +182,18 @@ class Worker:
                 out.data.view(-1).view(torch.uint8)[out.nbytes // 2] ^= 0xFF
             return out
 
+        return make
+
+    async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
+        return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
+
+    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
+                         transfer_id: int, corrupt: bool = False) -> int:
+        """The source side of a channel pull; returns the bytes sent. ``lease_id`` None: an
+        empty transfer (a ping). ``corrupt`` (a test hook) flips a byte after the digest."""
+        if self.channel is None:
+            raise KVChannelError("this worker has no KV channel", peer, broken=True)
+        make = self._gather(lease_id, start_block, corrupt)
         return await asyncio.wrap_future(self.channel.send(peer, transfer_id, make))
 
     async def release(self, lease_id: str) -> bool:
@@ -196,11 +212,14 @@ class Worker:
     # -- decode role -----------------------------------------------------------------
     async def decode(self, state: SeqState, handle: KVHandle | None, pull: PullFn | None,
                      release: Callable[[KVHandle], Awaitable[object]] | None = None,
-                     ask: AskFn | None = None) -> AsyncIterator[TokenChunk]:
+                     ask: AskFn | None = None, pushed: int | None = None
+                     ) -> AsyncIterator[TokenChunk]:
         """Admit a handed-off request, pull its blocks, release the lease, stream tokens.
 
-        With ``ask`` and a channel to the source the blocks come over the channel, else (or
-        if that fails) through ``pull``. Without a handle (or if every pull fails) the
+        ``pushed``: the source pushed the whole lease over the channel as that transfer,
+        which is received while the blocks are reserved (and read off the channel even
+        if this worker refuses). Else, with ``ask`` and a channel to the source, the
+        blocks are pulled over the channel. Else (or if that fails) through ``pull``. Without a handle (or if every pull fails) the
         request is recomputed here: never a wrong answer. Refusal (no room) raises
         OutOfBlocksError and leaves the lease to the caller, who may hand it to another
         decode worker. An abort that lands during the pull ends the stream with an "abort"
@@ -212,6 +231,7 @@ class Worker:
         start_block = 0
         releasing: asyncio.Future | None = None
         if handle is not None:
+            incoming = None if pushed is None else self._take_pushed(handle, pushed)
             try:
                 start_block = await self.aengine.acall(lambda e: e.reserve(state, handle.num_tokens))
                 reserved = time.monotonic() - t0
@@ -219,7 +239,9 @@ class Worker:
                 self.aengine.abort(rid)  # the inbox is FIFO: this frees the reservation
                 raise
             try:
-                if start_block < handle.num_blocks and ask is not None:
+                if incoming is not None:
+                    payload = await self._pushed_blocks(handle, incoming, start_block)
+                elif start_block < handle.num_blocks and ask is not None:
                     payload = await self._pull_channel(handle, start_block, ask)
                 if start_block < handle.num_blocks and pull is not None and payload is None:
                     payload = await self._pull_verified(handle, start_block, pull)
@@ -258,6 +280,38 @@ class Worker:
                 # expires) must not hold this stream's end beyond a bound
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(releasing), RELEASE_WAIT_S)
+
+    def _take_pushed(self, handle: KVHandle, tid: int) -> asyncio.Future | None:
+        """Start receiving a pushed transfer (None without a channel to its source)."""
+        ch, peer = self.channel, self.channel_ranks.get(handle.worker_id)
+        if ch is None or peer is None or handle.layout != self.engine.layout:
+            return None
+        task = asyncio.ensure_future(ch.take(peer, tid, handle.layout))
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return task
+
+    async def _pushed_blocks(self, handle: KVHandle, incoming: asyncio.Future,
+                             start_block: int) -> DeviceBlocks | None:
+        """The pushed lease from ``start_block`` on (blocks before it were hits here)."""
+        try:
+            blocks = await asyncio.shield(incoming)
+        except KVChannelError as e:
+            self.num_channel_failures += 1
+            self.num_corrupt_pulls += e.corrupt
+            logger.warning("request %s: pushed KV failed (%s); using %s", handle.request_id, e,
+                           self.pull_via)
+            return None
+        self.num_pushed += 1
+        if start_block >= blocks.num_blocks:
+            return None
+        return replace(blocks, data=blocks.data[:, :, start_block:])
+
+    async def drop_pushed(self, handle: KVHandle, tid: int) -> None:
+        """Read a push whose request went elsewhere (or away) off the channel."""
+        incoming = self._take_pushed(handle, tid)
+        if incoming is not None:
+            with contextlib.suppress(Exception):
+                await incoming
 
     async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
                             ) -> DeviceBlocks | None:
@@ -329,7 +383,8 @@ class Worker:
                     "spec_proposed": e.spec.num_proposed if e.spec else 0,
                     "spec_accepted": e.spec.num_accepted if e.spec else 0,
                     "corrupt_pulls": self.num_corrupt_pulls,
-                    "channel_failures": self.num_channel_failures}
+                    "channel_failures": self.num_channel_failures,
+                    "pushed_handoffs": self.num_pushed}
 
         return await self.aengine.acall(read)
 

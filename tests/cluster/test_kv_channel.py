@@ -197,6 +197,87 @@ def test_a_cancelled_pull_finishes_before_the_next_one_starts(pair) -> None:
     assert recv.usable(1)
 
 
+# -- pushes: the source sends unasked, the receiver's mailbox sorts them by transfer id ------------
+def push(sender: KVChannel, to: int, kv: list[torch.Tensor], ids: list[int] | None,
+         flip: bool = False) -> int:
+    """What a prefill worker does when its prefill ends: queue the send, return its id."""
+    def make() -> Outgoing:
+        if ids is None:
+            return Outgoing(layout_of(kv), None)
+        out = Outgoing.gather(layout_of(kv), kv, ids)
+        if flip:
+            out.data.view(-1).view(torch.uint8)[5] ^= 0x10  # after the digest was taken
+        return out
+
+    tid = sender.new_transfer_id()
+    sender.send(to, tid, make)
+    return tid
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pushes_are_taken_by_id_in_any_order_bit_exact(pair, dtype) -> None:
+    recv, send = pair
+    src = caches(dtype, 1)
+    lay = layout_of(src)
+    sets = [[3, 4], [9], [0, 1, 2, 15], [7, 8, 11]]
+    tids = [push(send, 0, src, ids) for ids in sets]
+    assert len(set(tids)) == 4 and all(t >> 40 == 1 for t in tids)  # the sender's rank
+
+    async def go():
+        # takers come in another order than the sends, one only after its blocks arrived
+        late = asyncio.gather(*(recv.take(1, tids[i], lay) for i in (2, 0, 3)))
+        got = dict(zip((2, 0, 3), await late, strict=True))
+        got[1] = await recv.take(1, tids[1], lay)  # kept for it meanwhile
+        return got
+
+    got = asyncio.run(go())
+    for i, ids in enumerate(sets):
+        assert got[i].num_blocks == len(ids)
+        dst = caches(dtype, 2)
+        write_blocks(dst, list(range(len(ids))), got[i])
+        assert same(blocks_of(dst, list(range(len(ids)))), blocks_of(src, ids))
+    assert recv.usable(1) and not recv._boxes[1].waiting and not recv._boxes[1].arrived
+
+
+def test_a_corrupt_or_leaseless_push_fails_only_its_taker(pair) -> None:
+    recv, send = pair
+    src = caches(torch.bfloat16, 1)
+    lay = layout_of(src)
+    bad = push(send, 0, src, [2, 3], flip=True)
+    gone = push(send, 0, src, None)
+    good = push(send, 0, src, [5])
+
+    async def go():
+        return await asyncio.gather(recv.take(1, bad, lay), recv.take(1, gone, lay),
+                                    recv.take(1, good, lay), return_exceptions=True)
+
+    corrupt, leaseless, ok = asyncio.run(go())
+    assert isinstance(corrupt, KVChannelError) and corrupt.corrupt and not corrupt.broken
+    assert isinstance(leaseless, KVChannelError) and "no such lease" in str(leaseless)
+    assert torch.equal(ok.data[:, :, 0], torch.stack([c[:, 5] for c in src]))
+    # the pair is still in step: a pull after the pushes reads its own header
+    again = asyncio.run(recv.pull(1, lay, 1, asker(send, 0, src, [6])))
+    assert torch.equal(again.data[:, :, 0], torch.stack([c[:, 6] for c in src]))
+
+
+def test_a_taker_that_gives_up_leaves_the_push_read_off_the_pair(pair) -> None:
+    recv, send = pair
+    src = caches()
+    lay = layout_of(src)
+
+    async def go():
+        first = push(send, 0, src, [1, 2])
+        t = asyncio.create_task(recv.take(1, first, lay))
+        await asyncio.sleep(0)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        return await recv.take(1, push(send, 0, src, [4]), lay)
+
+    got = asyncio.run(go())
+    assert torch.equal(got.data[:, :, 0], torch.stack([c[:, 4] for c in src]))
+
+
 # -- several ranks, concurrent transfers, failures ------------------------------------------------
 def test_concurrent_transfers_from_two_sources_land_where_they_belong() -> None:
     chans = open_channels(3)  # ranks 0 and 1 send, rank 2 receives

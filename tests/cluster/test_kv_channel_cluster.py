@@ -63,7 +63,10 @@ def test_config_auto_picks_the_channel_only_when_every_worker_has_a_gpu() -> Non
 
 
 def test_greedy_output_equals_the_single_engine_over_the_channel(cluster, reference) -> None:
+    """Concurrent handoffs over one pair, each pushed by the prefill worker as its prefill
+    ends and taken by the decode worker by transfer id, in whatever order they come."""
     before = counters(cluster)
+    pushed = decode_stats(cluster)["pushed_handoffs"]
     gens = {p: cluster.router.generate.remote(RouterRequest(
         f"ch-{i}", prompt_token_ids=tuple(reference.prompt_ids[p]), params=GREEDY))
         for i, p in enumerate(PROMPTS)}
@@ -79,6 +82,7 @@ def test_greedy_output_equals_the_single_engine_over_the_channel(cluster, refere
         nbytes, recomputed = log[f"ch-{i}"]
         assert nbytes > 0 and not recomputed
     assert decode_stats(cluster)["channel_failures"] == 0
+    assert decode_stats(cluster)["pushed_handoffs"] - pushed == len(PROMPTS)
     assert_clean(cluster)
 
 
