@@ -88,6 +88,9 @@ class ClusterConfig:
     link_bytes_per_s: float | None = None
     transport: str = "auto"
     kv_channel_timeout_s: float = 30.0  # a collective transfer slower than this falls back
+    # Collective transport: the prefill worker pushes a request's blocks to the decode
+    # worker the router chose as its prefill ends; False: the decode worker asks for them.
+    kv_push: bool = True
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
     # Custom Ray resources for the router and index actors (e.g. {"head": 0.01}) so that
@@ -118,6 +121,8 @@ class ClusterConfig:
                                        f"got {self.quantization!r}")
         if self.transport not in TRANSPORTS:
             raise _bad("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
+        if not isinstance(self.kv_push, bool):
+            raise _bad("kv_push", f"must be true or false, got {self.kv_push!r}")
         if self.kv_channel_timeout_s <= 0:
             raise _bad("kv_channel_timeout_s", f"must be > 0, got {self.kv_channel_timeout_s}")
         if self.lease_seconds <= 0:

@@ -268,7 +268,8 @@ class Router:
         t_start = time.monotonic()
         # The prefill worker pushes the blocks to the chosen decode worker as soon as the
         # prompt is done (collective transport), so no call sits between the two.
-        ref = p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks, d.worker_id)
+        ref = p.actor.prefill.remote(req, src, plan.prefix_blocks, plan.have_blocks,
+                                     d.worker_id if self.config.kv_push else None)
         try:
             res = await ref
         except asyncio.CancelledError:

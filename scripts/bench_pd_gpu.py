@@ -93,6 +93,7 @@ def cluster_config(args, pd: bool):
         "max_model_len": max(args.lengths) + args.output_len + 16, "direct_max_tokens": 0,
         "transport": "collective" if pd else "object_store",
         "async_scheduling": False if args.no_overlap else None,
+        "kv_push": not args.no_push,
         "prefill": {**role, "replicas": 1 if pd else 0},
         "decode": {**role, "replicas": 1 if pd else 2}})
 
@@ -215,6 +216,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip rates past this")
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model, tiny load")
     ap.add_argument("--no-overlap", action="store_true", help="engines step synchronously")
+    ap.add_argument("--no-push", action="store_true",
+                    help="the decode worker asks for the KV (pull) instead of the prefill pushing it")
     ap.add_argument("--configs", nargs="+", choices=["pd", "colocated"], default=["pd", "colocated"])
     args = ap.parse_args()
     if args.smoke:

@@ -215,7 +215,9 @@ class KVChannel:
                 stream = self._streams[peer] = torch.cuda.Stream(self.device)
         return torch.cuda.stream(stream)
 
-    def _wait(self, work: Any, deadline: float) -> None:
+    def _wait(self, work: Any, deadline: float, spin: bool = True) -> None:
+        """``spin`` False: poll from the start (a push's header waits for the receiver to
+        post, which may take the router's hop: a spin there takes the GIL from the actor)."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("deadline passed before the operation was posted")
@@ -227,7 +229,7 @@ class KVChannel:
                     raise TimeoutError(str(e)) from e
                 raise  # an error of this pair (the peer closed it)
             return
-        spin_until = time.monotonic() + SPIN_S
+        spin_until = time.monotonic() + (SPIN_S if spin else 0.0)
         while not work.is_completed():
             now = time.monotonic()
             if now > deadline:
@@ -260,7 +262,7 @@ class KVChannel:
         try:
             with self._on_stream(peer):
                 out = make()
-                self._wait(self._pg.send([self._header(tid, out)], peer, TAG), deadline)
+                self._wait(self._pg.send([self._header(tid, out)], peer, TAG), deadline, spin=False)
                 if out.data is not None and out.nbytes:
                     wire = out.data.reshape(-1).view(torch.uint8)
                     self._wait(self._pg.send([wire], peer, TAG), deadline)

@@ -35,7 +35,7 @@ def test_engine_config_follows_the_role() -> None:
 
 @pytest.mark.parametrize("field, value", [("direct_max_tokens", -1), ("link_bytes_per_s", 0.0),
                                           ("transport", "carrier-pigeon"), ("lease_seconds", 0),
-                                          ("async_scheduling", "yes")])
+                                          ("async_scheduling", "yes"), ("kv_push", "yes")])
 def test_bad_cluster_config_names_the_field(field: str, value) -> None:
     with pytest.raises(InvalidRequestError) as e:
         ClusterConfig.from_dict({field: value})
