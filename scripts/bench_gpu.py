@@ -439,13 +439,13 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
 def profile_decode(eng, prompts, args, path: Path) -> None:
     """Profile the prefill steps, then a few decode-only steps at full batch: GPU kernel
     time vs host time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from pdserve.workers.sampling_params import SamplingParams
-
     import cProfile
     import io
     import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdserve.workers.sampling_params import SamplingParams
 
     def prefilling() -> bool:
         return bool(eng.scheduler.waiting) or any(s.num_tokens - s.num_computed_tokens > 1

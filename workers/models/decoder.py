@@ -12,7 +12,13 @@ from torch import nn
 
 from pdserve.workers.attention import AttentionBackend, AttentionMetadata
 from pdserve.workers.models.config import ModelConfig
-from pdserve.workers.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears, rotate_qk
+from pdserve.workers.models.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    fuse_linears,
+    rotate_qk,
+)
 
 
 class Attention(nn.Module):
