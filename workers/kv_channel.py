@@ -127,7 +127,7 @@ def _outcome(got: DeviceBlocks | KVChannelError) -> DeviceBlocks:
     return got
 
 
-def _consume(fut: asyncio.Future) -> None:
+def consume_outcome(fut: asyncio.Future | Future) -> None:
     """An outcome nobody waits for any more: read it so asyncio does not log it as lost."""
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -278,7 +278,7 @@ class KVChannel:
         """Receive ``num_blocks`` blocks from ``peer``; ``ask(transfer_id)`` makes the peer
         send them (and ends when it has). Raises KVChannelError."""
         task = asyncio.ensure_future(self._transfer(peer, layout, num_blocks, ask))
-        _consume(task)
+        consume_outcome(task)
         # A cancelled caller leaves the transfer running to its end: the peer's send is on
         # its way, and the next transfer with this peer must not start before it has landed.
         return await asyncio.shield(task)
@@ -292,12 +292,12 @@ class KVChannel:
             recv = asyncio.get_running_loop().run_in_executor(
                 self._recv_pool, self.recv, peer, tid, layout, num_blocks)
             asked = asyncio.ensure_future(ask(tid))
-            _consume(asked)
+            consume_outcome(asked)
             await asyncio.wait({recv, asked}, return_when=asyncio.FIRST_COMPLETED)
             if not recv.done() and not asked.cancelled() and asked.exception() is not None:
                 # The peer could not send. Our receive stays posted: it fails when the peer's
                 # end closes, or at its deadline (which closes the channel).
-                _consume(recv)
+                consume_outcome(recv)
                 err = asked.exception()
                 self._fail(peer, f"the sender failed: {err!r}")
                 raise KVChannelError(f"rank {peer} did not send transfer {tid}: {err!r}", peer,
@@ -318,10 +318,10 @@ class KVChannel:
         fut = box.waiting.get(tid)
         if fut is None:
             fut = box.waiting[tid] = asyncio.get_running_loop().create_future()
-            _consume(fut)
+            consume_outcome(fut)
         if box.pump is None or box.pump.done():
             box.pump = asyncio.ensure_future(self._pump(peer, box, layout))
-            _consume(box.pump)
+            consume_outcome(box.pump)
         return await asyncio.shield(fut)
 
     async def _pump(self, peer: int, box: _Mailbox, layout: KVLayout) -> None:

@@ -20,7 +20,7 @@ from pdserve.workers.async_engine import AsyncEngine
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.disagg_engine import DisaggEngine, SeqState
 from pdserve.workers.errors import RequestAbortedError
-from pdserve.workers.kv_channel import KVChannel, KVChannelError
+from pdserve.workers.kv_channel import KVChannel, KVChannelError, consume_outcome
 from pdserve.workers.kv_events import KVEventBatch
 from pdserve.workers.kv_transfer import (
     DeviceBlocks,
@@ -166,7 +166,7 @@ class Worker:
         if self.channel is not None and peer is not None and self.channel.usable(peer):
             pushed = self.channel.new_transfer_id()
             sent = self.channel.send(peer, pushed, self._gather(handle.lease_id, 0, corrupt))
-            sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # logged there
+            consume_outcome(sent)  # a failure is logged by the channel
         return PrefillResult(first, handle, state, dt, queued, pushed)
 
     def _gather(self, lease_id: str | None, start_block: int, corrupt: bool
@@ -287,7 +287,7 @@ class Worker:
         if ch is None or peer is None or handle.layout != self.engine.layout:
             return None
         task = asyncio.ensure_future(ch.take(peer, tid, handle.layout))
-        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+        consume_outcome(task)
         return task
 
     async def _pushed_blocks(self, handle: KVHandle, incoming: asyncio.Future,
