@@ -282,7 +282,9 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=256)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     ap.add_argument("--kv-cache-mb", type=int, default=8192)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    # vLLM's offline default on GPUs of >= 70 GiB; a prefill step's ~190 kernel launches
+    # are then paid once per 16K tokens (see BENCHMARKS.md, session 5)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--backends", default="auto",
                     help="comma list of variants, e.g. auto,auto-sync,auto-eager,torch (A/B in one run)")
     ap.add_argument("--skip-hf", action="store_true")
@@ -411,6 +413,7 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
             run_offline(eng, warm, args.output_len)  # warm-up on other prompts
             engines[(name, caching)] = eng
     runs: dict = {k: [] for k in engines}
+    phases: dict = {k: [] for k in engines}  # (prefill steps s, decode step ms) per repeat
     for rep in range(args.repeats):
         work = {"shared": workload(),
                 "unique": [toks(args.system_len + args.question_len) for _ in range(n)]}
@@ -418,6 +421,7 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
         for (name, caching), eng in (order if rep % 2 == 0 else order[::-1]):  # no order bias
             r = run_offline(eng, work[name], args.output_len)
             runs[(name, caching)].append(n * args.output_len / r["wall_s"])
+            phases[(name, caching)].append((r["prefill_steps_s"], r["decode_step_ms"]))
     for eng in engines.values():
         release(eng)
     res = {k: statistics.median(v) for k, v in runs.items()}
@@ -432,6 +436,11 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                       "zero_hit_off_tok_s": round(res[("unique", False)], 1),
                       "zero_hit_overhead": round(1 - res[("unique", True)] / res[("unique", False)], 4),
                       "zero_hit_on_off_ratio_per_repeat": [round(x, 4) for x in ratios],
+                      # where the 0%-hit difference sits: prefill phase s, decode step ms
+                      "zero_hit_phases_on": [statistics.median(x[i] for x in phases[("unique", True)])
+                                             for i in (0, 1)],
+                      "zero_hit_phases_off": [statistics.median(x[i] for x in phases[("unique", False)])
+                                              for i in (0, 1)],
                       "repeats": args.repeats, "statistic": "median"}),
           flush=True)
 
@@ -494,6 +503,7 @@ def profile_decode(eng, prompts, args, path: Path) -> None:
     cpu_prof.disable()
     py = io.StringIO()
     pstats.Stats(cpu_prof, stream=py).sort_stats("tottime").print_stats(25)
+    pstats.Stats(cpu_prof, stream=py).sort_stats("cumulative").print_stats(40)
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -13,9 +13,7 @@ otherwise fail: a session never costs running work a preemption.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -23,37 +21,55 @@ from collections.abc import Callable, Iterable
 from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.errors import OutOfBlocksError
 from pdserve.workers.eviction import check_cache_options
-from pdserve.workers.kv_events import BlockHash, KVEventBatch
+from pdserve.workers.kv_events import BlockHash, KVEventBatch, pack_tokens
 from pdserve.workers.sequence import Sequence, SequenceStatus
 
 SESSION_OWNER = "session:"
 
 
+_ROOT = b"pdserve-root\x00"
+
+
+def _root(salt: str | None) -> bytes:
+    return _ROOT + (salt.encode() if salt else b"")
+
+
 def hash_block(parent: BlockHash | None, token_ids: Iterable[int], salt: str | None = None) -> BlockHash:
     """128-bit BLAKE2b of (parent hash or salted root, little-endian int64 token ids)."""
-    h = hashlib.blake2b(digest_size=16)
-    if parent is None:
-        h.update(b"pdserve-root\x00" + (salt.encode() if salt else b""))
-    else:
-        h.update(parent)
     ids = token_ids if isinstance(token_ids, (tuple, list)) else tuple(token_ids)
-    h.update(_int64s(len(ids)).pack(*ids))  # little-endian int64s, as numpy's "<i8" would give
-    return h.digest()
+    head = _root(salt) if parent is None else parent
+    return hashlib.blake2b(head + pack_tokens(ids), digest_size=16).digest()
 
 
-@functools.cache
-def _int64s(n: int) -> struct.Struct:
-    return struct.Struct(f"<{n}q")
+def block_keys(token_ids: list[int], block_size: int, salt: str | None = None,
+               parent: BlockHash | None = None, start: int = 0,
+               stop: int | None = None) -> tuple[list[BlockHash], list[bytes]]:
+    """Chained hashes of the full blocks ``[start, stop)`` of ``token_ids`` (``parent``: the
+    hash of block ``start - 1``; None at the root) and each block's packed token ids.
+
+    The same values as `hash_block` block by block, at a third of the host time: the ids
+    are packed in one call and each block costs one hash and one slice (a prefix cache
+    registers every block of every prompt, so this sits on the step's critical path).
+    """
+    if stop is None:
+        stop = len(token_ids) // block_size
+    if stop <= start:
+        return [], []
+    w = 8 * block_size
+    data = pack_tokens(token_ids[start * block_size:stop * block_size])
+    chunks = [data[i:i + w] for i in range(0, len(data), w)]
+    hashes: list[BlockHash] = []
+    p = _root(salt) if parent is None else parent
+    blake = hashlib.blake2b
+    for c in chunks:
+        p = blake(p + c, digest_size=16).digest()
+        hashes.append(p)
+    return hashes, chunks
 
 
 def hash_prompt_blocks(token_ids: list[int], block_size: int, salt: str | None = None) -> list[BlockHash]:
     """Hashes of every full block of ``token_ids`` (what the router computes too)."""
-    out: list[BlockHash] = []
-    parent = None
-    for i in range(len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], salt)
-        out.append(parent)
-    return out
+    return block_keys(token_ids, block_size, salt)[0]
 
 
 class BlockManager:
@@ -113,13 +129,13 @@ class BlockManager:
         hits: list[Block] = []
         parent = None
         ids, salt = seq.token_ids, seq.cache_salt
-        for i in range(max_blocks):
-            toks = tuple(ids[i * bs:(i + 1) * bs])
-            h = hash_block(parent, toks, salt)
-            b = self.pool.lookup(h, toks)
+        lookup = self.pool.lookup
+        for i in range(max_blocks):  # block by block: most prompts miss early
+            (h,), (toks,) = block_keys(ids, bs, salt, parent, i, i + 1)
+            b = lookup(h, toks)
             if b is None:
                 if i + 1 < max_blocks:
-                    return hits, hash_block(h, ids[(i + 1) * bs:(i + 2) * bs], salt)
+                    return hits, block_keys(ids, bs, salt, h, i + 1, i + 2)[0][0]
                 break
             hits.append(b)
             parent = h
@@ -209,13 +225,7 @@ class BlockManager:
         if n_full <= start:  # no block became full: the common decode step
             return
         parent = seq.block_hashes[-1] if seq.block_hashes else None
-        new_hashes, chunks = [], []
-        p = parent
-        for i in range(start, n_full):
-            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            p = hash_block(p, toks, seq.cache_salt)
-            new_hashes.append(p)
-            chunks.append(toks)
+        new_hashes, chunks = block_keys(seq.token_ids, bs, seq.cache_salt, parent, start, n_full)
         blocks = [self.pool.blocks[i] for i in seq.block_table[start:n_full]]
         self.pool.cache_full_blocks(blocks, new_hashes, chunks, parent, tenant=seq.cache_salt,
                                     depth=start)

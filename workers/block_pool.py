@@ -34,6 +34,7 @@ from pdserve.workers.kv_events import (
     BlockStored,
     KVEvent,
     KVEventBatch,
+    unpack_tokens,
 )
 
 MAX_PENDING_EVENTS = 4096  # events kept for take_events; past it they are dropped (a gap)
@@ -44,7 +45,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
-    token_ids: tuple[int, ...] | None = None  # kept to verify a hit against collisions
+    tokens: bytes | None = None  # its packed token ids (pack_tokens): a hit is verified on them
     prev: Block | None = None
     next: Block | None = None
     # What eviction policies rank by; reset when the block loses its hash.
@@ -94,6 +95,21 @@ class FreeBlockQueue:
         first = self.first()
         self.remove(first)
         return first
+
+    def popleft_n(self, n: int) -> list[Block]:
+        """The first ``n`` blocks, unlinked in one splice (the caller checked ``size``)."""
+        out = []
+        node = self._head.next
+        for _ in range(n):
+            assert node is not None and node is not self._tail
+            out.append(node)
+            nxt = node.next
+            node.prev = node.next = None
+            node = nxt
+        self._head.next = node
+        node.prev = self._head
+        self.size -= n
+        return out
 
     def __iter__(self):
         node = self._head.next
@@ -152,22 +168,31 @@ class BlockPool:
         """
         if n > self.free_queue.size:
             raise OutOfBlocksError(n, self.free_queue.size)
-        out = []
         evicted: list[BlockHash] = []
-        policy, quota = self.policy, self.quota
-        for _ in range(n):
-            if self._ranked:
+        if not self._ranked:  # LRU: the queue's head, taken in one splice
+            out = self.free_queue.popleft_n(n)
+            cached = self.cached
+            for b in out:
+                h = b.block_hash
+                if h is not None:
+                    evicted.append(h)
+                    if cached.get(h) is b:
+                        del cached[h]
+                    self._reset(b)
+                b.ref_count = 1
+        else:
+            out = []
+            policy, quota = self.policy, self.quota
+            for _ in range(n):
                 b = policy.victim()
                 if quota is not None and b.block_hash is not None:
                     b = quota.victim() or b
                 self._take(b)
-            else:
-                b = self.free_queue.popleft()
-            if b.block_hash is not None:
-                evicted.append(b.block_hash)
-                self._uncache(b)
-            b.ref_count = 1
-            out.append(b)
+                if b.block_hash is not None:
+                    evicted.append(b.block_hash)
+                    self._uncache(b)
+                b.ref_count = 1
+                out.append(b)
         if evicted:
             self.num_evictions += len(evicted)
             self._emit(BlockRemoved(tuple(evicted)))
@@ -209,14 +234,15 @@ class BlockPool:
                     self._file(b)
 
     # -- prefix cache -----------------------------------------------------
-    def lookup(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> Block | None:
+    def lookup(self, block_hash: BlockHash, tokens: bytes) -> Block | None:
+        """The cached block of ``block_hash`` if it holds ``tokens`` (packed token ids)."""
         b = self.cached.get(block_hash)
-        if b is None or b.token_ids != token_ids:  # verify: a collision is not a hit
+        if b is None or b.tokens != tokens:  # verify: a collision is not a hit
             return None
         return b
 
     def cache_full_blocks(self, blocks: list[Block], hashes: list[BlockHash],
-                          token_chunks: list[tuple[int, ...]], parent: BlockHash | None, *,
+                          token_chunks: list[bytes], parent: BlockHash | None, *,
                           tenant: str | None = None, depth: int | None = None) -> None:
         """Register newly filled blocks under their chained hashes and emit one event.
 
@@ -229,7 +255,7 @@ class BlockPool:
             held = self.cached.get(parent) if parent is not None else None
             depth = held.depth + 1 if held is not None else 0
         stored_hashes: list[BlockHash] = []
-        stored_tokens: list[int] = []
+        stored_tokens: list[bytes] = []
         first_parent = parent
         for i, (b, h, toks) in enumerate(zip(blocks, hashes, token_chunks, strict=True)):
             if b.block_hash is not None:
@@ -242,7 +268,7 @@ class BlockPool:
             if not stored_hashes:
                 first_parent = parent
             b.block_hash = h
-            b.token_ids = toks
+            b.tokens = toks
             b.tenant = tenant
             b.depth = depth + i
             self.cached[h] = b
@@ -253,11 +279,11 @@ class BlockPool:
                 if b.ref_count == 0:
                     self._file(b)
             stored_hashes.append(h)
-            stored_tokens.extend(toks)
+            stored_tokens.append(toks)
             parent = h
         if stored_hashes:
             self._emit(BlockStored(tuple(stored_hashes), first_parent,
-                                            tuple(stored_tokens), self.block_size))
+                                   unpack_tokens(b"".join(stored_tokens)), self.block_size))
 
     def expire(self, now: float | None = None) -> int:
         """Drop the cached free blocks the policy says have expired (``ttl``); they stay free.
@@ -348,7 +374,7 @@ class BlockPool:
     @staticmethod
     def _reset(b: Block) -> None:
         b.block_hash = None
-        b.token_ids = None
+        b.tokens = None
         b.hits = 0
         b.depth = 0
         b.tenant = None
@@ -367,7 +393,7 @@ class BlockPool:
                 f"block {b.block_id}: ref_count {b.ref_count} vs in-queue {b.block_id in in_queue}")
             if b.block_hash is not None:
                 assert self.cached.get(b.block_hash) is b, f"block {b.block_id} hash not mapped"
-                assert b.token_ids is not None and len(b.token_ids) == self.block_size
+                assert b.tokens is not None and len(b.tokens) == 8 * self.block_size
         for h, b in self.cached.items():
             assert b.block_hash == h, f"cached map entry for block {b.block_id} is stale"
         self.policy.check_integrity()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.workers.block_manager import hash_block
+from pdserve.workers.block_manager import block_keys
 from pdserve.workers.engine import LLMEngine
 from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError
 from pdserve.workers.kv_transfer import (
@@ -186,12 +186,10 @@ class DisaggEngine(LLMEngine):
         """Pack this worker's cached blocks [start_block, start_block+n) of the chain."""
         bs = self.config.block_size
         pool = self.block_manager.pool
-        parent = None
         ids: list[int] = []
-        for i in range(min(max_blocks, len(token_ids) // bs)):
-            toks = tuple(token_ids[i * bs:(i + 1) * bs])
-            parent = hash_block(parent, toks, salt)
-            b = pool.lookup(parent, toks)
+        hashes, chunks = block_keys(token_ids, bs, salt, stop=min(max_blocks, len(token_ids) // bs))
+        for i, (h, toks) in enumerate(zip(hashes, chunks, strict=True)):
+            b = pool.lookup(h, toks)
             if b is None:
                 break
             if i >= start_block:
@@ -205,6 +203,9 @@ class DisaggEngine(LLMEngine):
         """Write another worker's blocks into this cache as cached, unreferenced blocks."""
         bs = self.config.block_size
         n = payload.num_blocks
+        if (start_block + n) * bs > len(token_ids):
+            raise ValueError(f"payload: {n} blocks from block {start_block} overrun the "
+                             f"{len(token_ids)}-token prompt")
         if self.block_manager.num_free_blocks < n:
             return 0
         blocks = self.block_manager.pool.allocate(n)
@@ -213,18 +214,10 @@ class DisaggEngine(LLMEngine):
         except Exception:
             self.block_manager.pool.free(blocks)
             raise
-        parent = first_parent = None
-        hashes, chunks = [], []
-        for i in range(start_block + n):
-            toks = tuple(token_ids[i * bs:(i + 1) * bs])
-            if i == start_block:
-                first_parent = parent
-            parent = hash_block(parent, toks, salt)
-            if i >= start_block:
-                hashes.append(parent)
-                chunks.append(toks)
-        self.block_manager.pool.cache_full_blocks(blocks, hashes, chunks, first_parent,
-                                                  tenant=salt, depth=start_block)
+        hashes, chunks = block_keys(token_ids, bs, salt, stop=start_block + n)
+        first_parent = hashes[start_block - 1] if start_block else None
+        self.block_manager.pool.cache_full_blocks(blocks, hashes[start_block:], chunks[start_block:],
+                                                  first_parent, tenant=salt, depth=start_block)
         self.block_manager.pool.free(list(reversed(blocks)))
         return n
 

@@ -224,7 +224,9 @@ class LLMEngine:
                 s.seq.first_scheduled = now
         batch, logits = self.runner.execute(sched, None if prev is None else prev.tokens,
                                             as_float=not self.overlap)
-        sampling = [s.seq for s in batch if s.samples]  # the logits' rows, in order
+        # the logits' rows, in order (ScheduledSeq.samples, inlined: a per-row hot path)
+        sampling = [s.seq for s in batch
+                    if s.seq.num_computed_tokens + s.num_new_tokens == len(s.seq.token_ids)]
         ended = 0
         if prev is not None:  # step N+1 is on the device: now the host takes step N's tokens
             self.num_overlapped += 1
@@ -431,7 +433,9 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         prev_len = len(seq.output_text)
-        seq.output_text += decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
+        new = decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
+        if new:
+            seq.output_text += new
         reason, stop_reason = self._check_stop(seq, token, prev_len)
         lps = (lp,) if lp is not None else ()
         if reason is not None:
@@ -450,9 +454,12 @@ class LLMEngine:
                                       stop_reason=stop_reason, logprobs=lps, index=seq.index)
             self.requests.pop(seq.request_id, None)
             return self._final_chunk(seq, (token,), text, lps)
-        hold = max(len(s) for s in p.stop) - 1 if p.stop else 0
-        safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
-        text = seq.output_text[seq.emitted_text_len:safe]
+        if p.stop:  # hold back what may be the start of a stop string
+            hold = max(len(s) for s in p.stop) - 1
+            safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
+        else:
+            safe = max(seq.emitted_text_len, len(seq.output_text))
+        text = seq.output_text[seq.emitted_text_len:safe] if safe > seq.emitted_text_len else ""
         seq.emitted_text_len = safe
         if seq.prefill_only:
             self._on_prefill_done(seq)

@@ -6,9 +6,25 @@ that a consumer can detect a gap (a lost batch) and ask for a snapshot.
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass
 
 BlockHash = bytes  # 16-byte digest (blake2b) of (parent hash, token ids, cache salt)
+
+
+@functools.cache
+def _int64s(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}q")
+
+
+def pack_tokens(token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Token ids as little-endian int64s: what a block hash covers and a hit compares."""
+    return _int64s(len(token_ids)).pack(*token_ids)
+
+
+def unpack_tokens(data: bytes) -> tuple[int, ...]:
+    return _int64s(len(data) // 8).unpack(data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,7 +164,8 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)
         batch = self.order(out.scheduled)
         if self.graphs is not None and self.graphs.fits(len(batch)) and all(
-                s.num_new_tokens == 1 and s.samples for s in batch):
+                s.num_new_tokens == 1 and s.seq.num_computed_tokens + 1 == len(s.seq.token_ids)
+                for s in batch):  # decode rows only (ScheduledSeq.samples, inlined)
             return batch, self.model.logits(self._run_graph(batch, pending), as_float)
         input_ids, positions, meta, rows = self.prepare(batch)
         if pending is not None:

@@ -14,9 +14,10 @@ class Usage:
     cached_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per row per step, and a frozen init costs 4x
 class TokenChunk:
-    """New tokens of one request since its previous chunk (a stream increment)."""
+    """New tokens of one request since its previous chunk (a stream increment); not to be
+    changed once made."""
 
     request_id: str
     token_ids: tuple[int, ...]

@@ -110,10 +110,19 @@ class Scheduler:
         running.sort(key=_sort_key)
         scheduled = out.scheduled
         fits_in_place = self.bm.fits_in_place
+        bs, blocks = self.bm.block_size, self.bm.pool.blocks
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            left = len(seq.token_ids) - seq.num_computed_tokens
+            c = seq.num_computed_tokens
+            left = len(seq.token_ids) - c
+            if left == 1 and not seq.drafts:  # a decode row: fits_in_place(seq, 1), inlined
+                table = seq.block_table
+                if c // bs < len(table) and (not c % bs or blocks[table[c // bs]].ref_count <= 1):
+                    scheduled.append(ScheduledSeq(seq, 1))
+                    budget -= 1
+                    i += 1
+                    continue
             n = min(left, budget, chunk_cap)
             if seq.drafts and n < left:
                 drop_drafts(seq)  # drafts are verified in one pass or not at all

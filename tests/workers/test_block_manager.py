@@ -14,7 +14,7 @@ import pytest
 from pdserve.workers import block_manager as bm_mod
 from pdserve.workers.block_manager import BlockManager, hash_block, hash_prompt_blocks
 from pdserve.workers.errors import OutOfBlocksError
-from pdserve.workers.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.workers.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, unpack_tokens
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.sequence import Sequence
 
@@ -283,7 +283,7 @@ def test_randomized_operations_keep_integrity_content_and_event_mirror():
         assert mirror == bm.pool.cached_hashes()
         # Every cached block's remembered tokens are really what its slots hold.
         for blk in bm.pool.cached.values():
-            assert tuple(kv[blk.block_id]) == blk.token_ids
+            assert tuple(kv[blk.block_id]) == unpack_tokens(blk.tokens)
 
     for s in live:
         bm.free(s)

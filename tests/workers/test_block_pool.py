@@ -8,7 +8,13 @@ import pytest
 
 from pdserve.workers.block_pool import Block, BlockPool, FreeBlockQueue
 from pdserve.workers.errors import OutOfBlocksError
-from pdserve.workers.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from pdserve.workers.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    pack_tokens,
+    unpack_tokens,
+)
 
 BS = 4
 
@@ -17,8 +23,8 @@ def h(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def toks(i: int) -> tuple[int, ...]:
-    return tuple(range(i * BS, (i + 1) * BS))
+def toks(i: int) -> bytes:
+    return pack_tokens(tuple(range(i * BS, (i + 1) * BS)))
 
 
 def cache(pool: BlockPool, blocks: list[Block], first: int, parent: bytes | None = None) -> None:
@@ -83,7 +89,7 @@ def test_freed_cached_blocks_are_evicted_in_lru_order():
     assert pool.cached_hashes() == {h(10), h(11)}
     assert pool.num_evictions == 4
     for x in got:  # reused blocks carry nothing of their previous content
-        assert x.block_hash is None and x.token_ids is None
+        assert x.block_hash is None and x.tokens is None
     pool.check_integrity()
 
 
@@ -126,8 +132,8 @@ def test_kv_events_carry_chain_parents_tokens_and_increasing_seq_numbers():
     cache(pool, blocks[1:], 1, parent=h(0))
     b1 = pool.take_events()
     assert b1 is not None and (b1.worker_id, b1.seq) == ("w7", 1)
-    assert b1.events == (BlockStored((h(0),), None, toks(0), BS),
-                         BlockStored((h(1), h(2)), h(0), toks(1) + toks(2), BS))
+    assert b1.events == (BlockStored((h(0),), None, unpack_tokens(toks(0)), BS),
+                         BlockStored((h(1), h(2)), h(0), unpack_tokens(toks(1) + toks(2)), BS))
     assert not pool.reset_prefix_cache()  # blocks in use: refused, no event
     pool.free(blocks[::-1])
     pool.allocate(2)  # evicts the free queue's head: the never-used block, then block 2's
@@ -154,7 +160,7 @@ def test_events_nobody_takes_stay_bounded_and_leave_a_gap(monkeypatch):
     assert len(pool._events) <= 3 and pool.num_dropped_events == 1
     batch = pool.take_events()
     assert batch is not None and batch.seq == 2  # 1 was skipped: a gap for the consumer
-    assert batch.events == (BlockStored((h(4),), h(3), toks(4), BS),)
+    assert batch.events == (BlockStored((h(4),), h(3), unpack_tokens(toks(4)), BS),)
     pool.check_integrity()
 
 
@@ -182,7 +188,7 @@ def test_randomized_pool_operations_keep_invariants_and_event_mirror():
             # a prefix hit: any cached block, in use or not
             if pool.cached:
                 hsh = rng.choice(sorted(pool.cached))
-                b = pool.lookup(hsh, pool.cached[hsh].token_ids)
+                b = pool.lookup(hsh, pool.cached[hsh].tokens)
                 assert b is not None
                 pool.touch(b)
                 held.append(b)

@@ -13,7 +13,7 @@ from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.eviction import POLICIES
-from pdserve.workers.kv_events import BlockRemoved
+from pdserve.workers.kv_events import BlockRemoved, pack_tokens
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.sequence import Sequence, SequenceStatus
 
@@ -36,8 +36,8 @@ def h(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def toks(i: int) -> tuple[int, ...]:
-    return tuple(range(i * BS, (i + 1) * BS))
+def toks(i: int) -> bytes:
+    return pack_tokens(tuple(range(i * BS, (i + 1) * BS)))
 
 
 def chain(pool: BlockPool, first: int, n: int, depth: int | None = None) -> list[Block]:

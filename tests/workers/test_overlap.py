@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.workers.kv_events import unpack_tokens
 from pdserve.workers.overlap import placeholder, resolve_placeholders
 from pdserve.workers.sampling_params import SamplingParams
 
@@ -73,7 +74,7 @@ def assert_clean(engine, free_before: int) -> None:
     assert engine._inflight is None and not engine.requests
     assert engine.block_manager.num_free_blocks == free_before
     for b in engine.block_manager.pool.blocks:  # no placeholder ever reached the cache
-        assert b.token_ids is None or min(b.token_ids) >= 0
+        assert b.tokens is None or min(unpack_tokens(b.tokens)) >= 0
     engine.check_integrity()
 
 

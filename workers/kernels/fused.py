@@ -14,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.workers.kernels.launch import fast
 
+
+@fast
 @triton.jit
 def _rms_norm_kernel(X, Res, W, Y, ResOut, n_rows, stride_x, stride_r, stride_y, stride_ro, eps,
                      N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
@@ -92,6 +95,7 @@ def _rotate_heads(X, t, stride_t, stride_h, c1, c2, s1, s2, offs, d_mask,
         tl.store(p1 + HALF, o2.to(dt), mask=mask)
 
 
+@fast
 @triton.jit
 def _rotary_kernel(Q, K, Cos, Sin, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
                    stride_st, HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
@@ -131,6 +135,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q, k
 
 
+@fast
 @triton.jit
 def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -152,6 +157,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@fast
 @triton.jit
 def _silu_mul_halves_kernel(X, Y, inter, stride_x, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

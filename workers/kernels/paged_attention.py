@@ -19,9 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.workers.kernels.launch import fast
+
 LOG2E = 1.4426950408889634
 
 
+@fast
 @triton.jit
 def _write_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_vt, stride_cs,
                      ROW: tl.constexpr, BLOCK: tl.constexpr):
@@ -50,6 +53,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
                            row, ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
 
 
+@fast
 @triton.jit
 def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
                          stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
@@ -111,6 +115,7 @@ def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
     tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
+@fast
 @triton.jit
 def _decode_merge_kernel(MidO, MidLse, Out, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          stride_ob, stride_oh,

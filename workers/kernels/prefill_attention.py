@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.workers.kernels.launch import fast
+
 LOG2E = 1.4426950408889634
 
 
@@ -74,6 +76,7 @@ def _attend_tile(acc, l_i, m_i, q, n0, qpos, kv_end, table, KCache, VCache, kv_h
     return acc, l_i, m_new
 
 
+@fast
 @triton.jit
 def _prefill_kernel(Q, KCache, VCache, Out, BlockTables, Tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs, stride_ch, stride_bt,
