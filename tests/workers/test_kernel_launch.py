@@ -51,3 +51,37 @@ def test_cached_launches_equal_tritons_and_new_specializations_compile():
             torch.testing.assert_close(fused.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6),
                                        rtol=2.0 ** -6, atol=1e-5)
         assert len(kernel.cache) == entries
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hits_take_the_direct_path_unless_a_launch_hook_is_installed(monkeypatch):
+    from triton import knobs
+
+    from pdserve.workers.kernels import fused, launch
+
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    fused.rms_norm(x, w, 1e-6)  # compiled and cached
+    via_triton = []
+    jit = fused._rms_norm_kernel.fn
+    monkeypatch.setattr(fused._rms_norm_kernel, "fn", _Spy(jit, via_triton))
+    fused.rms_norm(x, w, 1e-6)
+    assert not via_triton and not launch._hooked()
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        assert launch._hooked()
+        fused.rms_norm(x, w, 1e-6)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert via_triton and seen
+
+
+class _Spy:
+    def __init__(self, fn, calls: list) -> None:
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.fn[grid]
