@@ -5,6 +5,7 @@ plus the resources the actor is placed with."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -64,6 +65,11 @@ class EngineWorkerActor:
         self.worker = await loop.run_in_executor(None, lambda: Worker(
             self._config, self.role, lease_seconds=self._lease_seconds,
             grpc_address=address, model_path=self._model_path, transport=self.transport))
+        # This process holds one engine for its life: what exists now (the model, tens of
+        # thousands of KV block records, CUDA graphs) is never garbage, so the cyclic GC
+        # stops scanning it; a full collection would otherwise stall a step for tens of ms.
+        gc.collect()
+        gc.freeze()
         if self.index is not None:
             self._tasks.append(asyncio.create_task(self._push_events()))
         return self._config.worker_id

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.errors import OutOfBlocksError
 from pdserve.workers.eviction import check_cache_options
-from pdserve.workers.kv_events import BlockHash, KVEventBatch, pack_tokens
+from pdserve.workers.kv_events import BlockHash, KVEventBatch, int64s, pack_tokens
 from pdserve.workers.sequence import Sequence, SequenceStatus
 
 SESSION_OWNER = "session:"
@@ -127,18 +127,19 @@ class BlockManager:
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
         hits: list[Block] = []
-        parent = None
-        ids, salt = seq.token_ids, seq.cache_salt
+        ids = seq.token_ids
         lookup = self.pool.lookup
+        blake, pack = hashlib.blake2b, int64s(bs).pack  # block_keys' hash, inlined per block
+        p = _root(seq.cache_salt)
         for i in range(max_blocks):  # block by block: most prompts miss early
-            (h,), (toks,) = block_keys(ids, bs, salt, parent, i, i + 1)
-            b = lookup(h, toks)
+            toks = pack(*ids[i * bs:(i + 1) * bs])
+            p = blake(p + toks, digest_size=16).digest()
+            b = lookup(p, toks)
             if b is None:
                 if i + 1 < max_blocks:
-                    return hits, block_keys(ids, bs, salt, h, i + 1, i + 2)[0][0]
+                    return hits, blake(p + pack(*ids[(i + 1) * bs:(i + 2) * bs]), digest_size=16).digest()
                 break
             hits.append(b)
-            parent = h
         return hits, None
 
     # -- allocation -------------------------------------------------------

@@ -14,17 +14,17 @@ BlockHash = bytes  # 16-byte digest (blake2b) of (parent hash, token ids, cache 
 
 
 @functools.cache
-def _int64s(n: int) -> struct.Struct:
+def int64s(n: int) -> struct.Struct:
     return struct.Struct(f"<{n}q")
 
 
 def pack_tokens(token_ids: list[int] | tuple[int, ...]) -> bytes:
     """Token ids as little-endian int64s: what a block hash covers and a hit compares."""
-    return _int64s(len(token_ids)).pack(*token_ids)
+    return int64s(len(token_ids)).pack(*token_ids)
 
 
 def unpack_tokens(data: bytes) -> tuple[int, ...]:
-    return _int64s(len(data) // 8).unpack(data)
+    return int64s(len(data) // 8).unpack(data)
 
 
 @dataclass(frozen=True, slots=True)

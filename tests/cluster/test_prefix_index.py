@@ -302,6 +302,7 @@ def test_randomized_against_naive_model(seed: int) -> None:
 def test_follows_real_block_pools() -> None:
     """Event batches of real BlockPools (with evictions and lost batches) keep the index exact."""
     block_pool = pytest.importorskip("pdserve.workers.block_pool")
+    from pdserve.workers.kv_events import pack_tokens
     rng = random.Random(7)
     idx = PrefixIndex()
     pools = [block_pool.BlockPool(12, BLOCK_SIZE, worker_id=f"w{i}") for i in range(3)]
@@ -310,7 +311,7 @@ def test_follows_real_block_pools() -> None:
         tokens = [rng.randrange(3) for _ in range(rng.randint(1, 6))]
         hashes = chain(tokens)
         blocks = pool.allocate(len(hashes))
-        chunks = [(t,) * BLOCK_SIZE for t in tokens]
+        chunks = [pack_tokens((t,) * BLOCK_SIZE) for t in tokens]
         pool.cache_full_blocks(blocks, hashes, chunks, None)
         pool.free(blocks[::-1])
         b = pool.take_events()
