@@ -34,11 +34,16 @@ def _root(salt: str | None) -> bytes:
     return _ROOT + (salt.encode() if salt else b"")
 
 
+def _link(head: bytes, tokens: bytes) -> BlockHash:
+    """One block's hash: BLAKE2b-128 of its parent's hash (or the salted root) and its
+    packed token ids. Every block hash in the project is made here."""
+    return hashlib.blake2b(head + tokens, digest_size=16).digest()
+
+
 def hash_block(parent: BlockHash | None, token_ids: Iterable[int], salt: str | None = None) -> BlockHash:
     """128-bit BLAKE2b of (parent hash or salted root, little-endian int64 token ids)."""
     ids = token_ids if isinstance(token_ids, (tuple, list)) else tuple(token_ids)
-    head = _root(salt) if parent is None else parent
-    return hashlib.blake2b(head + pack_tokens(ids), digest_size=16).digest()
+    return _link(_root(salt) if parent is None else parent, pack_tokens(ids))
 
 
 def block_keys(token_ids: list[int], block_size: int, salt: str | None = None,
@@ -60,9 +65,8 @@ def block_keys(token_ids: list[int], block_size: int, salt: str | None = None,
     chunks = [data[i:i + w] for i in range(0, len(data), w)]
     hashes: list[BlockHash] = []
     p = _root(salt) if parent is None else parent
-    blake = hashlib.blake2b
     for c in chunks:
-        p = blake(p + c, digest_size=16).digest()
+        p = _link(p, c)
         hashes.append(p)
     return hashes, chunks
 
@@ -129,15 +133,15 @@ class BlockManager:
         hits: list[Block] = []
         ids = seq.token_ids
         lookup = self.pool.lookup
-        blake, pack = hashlib.blake2b, int64s(bs).pack  # block_keys' hash, inlined per block
+        pack = int64s(bs).pack
         p = _root(seq.cache_salt)
-        for i in range(max_blocks):  # block by block: most prompts miss early
+        for i in range(max_blocks):  # block by block (most prompts miss early), no block_keys lists
             toks = pack(*ids[i * bs:(i + 1) * bs])
-            p = blake(p + toks, digest_size=16).digest()
+            p = _link(p, toks)
             b = lookup(p, toks)
             if b is None:
                 if i + 1 < max_blocks:
-                    return hits, blake(p + pack(*ids[(i + 1) * bs:(i + 2) * bs]), digest_size=16).digest()
+                    return hits, _link(p, pack(*ids[(i + 1) * bs:(i + 2) * bs]))
                 break
             hits.append(b)
         return hits, None

@@ -171,14 +171,10 @@ class BlockPool:
         evicted: list[BlockHash] = []
         if not self._ranked:  # LRU: the queue's head, taken in one splice
             out = self.free_queue.popleft_n(n)
-            cached = self.cached
             for b in out:
-                h = b.block_hash
-                if h is not None:
-                    evicted.append(h)
-                    if cached.get(h) is b:
-                        del cached[h]
-                    self._reset(b)
+                if b.block_hash is not None:
+                    evicted.append(b.block_hash)
+                    self._uncache(b)
                 b.ref_count = 1
         else:
             out = []

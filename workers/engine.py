@@ -459,7 +459,7 @@ class LLMEngine:
             safe = max(seq.emitted_text_len, len(seq.output_text) - hold)
         else:
             safe = max(seq.emitted_text_len, len(seq.output_text))
-        text = seq.output_text[seq.emitted_text_len:safe] if safe > seq.emitted_text_len else ""
+        text = seq.output_text[seq.emitted_text_len:safe]
         seq.emitted_text_len = safe
         if seq.prefill_only:
             self._on_prefill_done(seq)

@@ -80,5 +80,4 @@ class FastKernel:
             None, None, None, *args, *tail)
 
 
-def fast(fn: Any) -> FastKernel:
-    return FastKernel(fn)
+fast = FastKernel  # as a decorator over @triton.jit
