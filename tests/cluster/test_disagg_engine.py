@@ -283,6 +283,18 @@ def test_import_without_room_imports_nothing(make, reference) -> None:
     free_and_clean(tiny)
 
 
+def test_import_of_a_payload_longer_than_the_prompt_is_refused(make, reference) -> None:
+    src, dst = make("src"), make("dst")
+    ids = reference.prompt_ids[PROMPTS[2]]
+    src.add_request("warm", prompt_token_ids=ids, params=ONE)
+    run(src)
+    n, payload = src.export_prefix(ids, None, 0, len(ids) // BS)
+    free = dst.block_manager.num_free_blocks
+    with pytest.raises(ValueError, match="payload"):
+        dst.import_prefix(ids[:(n - 1) * BS], None, 0, payload)  # the prompt ends a block early
+    assert dst.block_manager.num_free_blocks == free and not dst.block_manager.pool.cached_hashes()
+
+
 def test_snapshot_matches_the_cache_and_skips_pending_events(make, reference) -> None:
     e = make("snap")
     e.add_request("a", prompt_token_ids=reference.prompt_ids[PROMPTS[2]], params=ONE)
