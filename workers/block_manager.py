@@ -101,6 +101,10 @@ class BlockManager:
         self.num_sessions_dropped = 0  # pins given up for room (not by TTL)
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of which found
+        # Bumped whenever an entry of a block table is rewritten or dropped in place (all
+        # other changes append, or replace the list): lets the decode graphs' input
+        # staging copy only the entries appended since the last step (decode_graphs.py).
+        self.table_rewrites = 0
 
     # -- queries ------------------------------------------------------------
     @property
@@ -210,6 +214,7 @@ class BlockManager:
             (new,) = self.pool.allocate(1)
             self.pool.free([last])
             seq.block_table[idx] = new.block_id
+            self.table_rewrites += 1
             copies.append((last.block_id, new.block_id))
         need = self.blocks_needed(seq, num_new_tokens)
         if need:
@@ -242,6 +247,7 @@ class BlockManager:
         extra = seq.block_table[keep:]
         if extra:
             del seq.block_table[keep:]
+            self.table_rewrites += 1
             self.pool.free([self.pool.blocks[i] for i in reversed(extra)])
         del seq.block_hashes[seq.num_computed_tokens // self.block_size:]
 

@@ -15,6 +15,7 @@ depend on no host value that changes per step.
 from __future__ import annotations
 
 import logging
+from operator import is_
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ class DecodeGraphs:
         self.buf = torch.zeros(self.max_batch * (4 + self.width), dtype=torch.int64, device=device)
         self.pinned = torch.empty(self.buf.numel(), dtype=torch.int64, pin_memory=True)
         self.copied = torch.cuda.Event()
+        # What the pinned buffer's block-table rows hold: (bucket, table epoch, the rows'
+        # table lists, their lengths). A step over the same rows copies only new entries.
+        self._staged: tuple[int, int, list[list[int]], np.ndarray] | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         c = model.config
         sms = backend.num_sms
@@ -78,9 +82,14 @@ class DecodeGraphs:
                 buf[4 * b:4 * b + b * self.width].view(b, self.width))
 
     def _fill(self, host: np.ndarray, b: int, ids: list[int], pos: list[int],
-              tables: list[list[int]]) -> None:
+              tables: list[list[int]], epoch: int | None = None) -> None:
         """Write bucket ``b``'s inputs into ``host`` (its first ``_size(b)`` entries), vectorized:
-        a slot is its row's block at ``pos // block_size``, a sequence length is ``pos + 1``."""
+        a slot is its row's block at ``pos // block_size``, a sequence length is ``pos + 1``.
+
+        Block tables: when ``host`` already holds this bucket's tables for the same rows (the
+        same table lists, in order) and no table was rewritten in place since (``epoch``, the
+        block manager's ``table_rewrites``), only the entries appended since are written: a
+        row gains a block every ``block_size`` steps, so most steps write none."""
         n, bs = len(ids), self.block_size
         host[:b] = 0
         host[:n] = ids
@@ -88,8 +97,22 @@ class DecodeGraphs:
         p[n:] = 0
         p[:n] = pos
         t = host[4 * b:self._size(b)].reshape(b, self.width)
-        t.fill(0)
-        fill_block_tables(t, tables)
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        last = self._staged
+        if (epoch is not None and last is not None and last[0] == b and last[1] == epoch
+                and len(last[2]) == n and all(map(is_, tables, last[2]))):
+            old = last[3]
+            for i in np.flatnonzero(lens != old).tolist():
+                a, z = int(old[i]), int(lens[i])
+                if z > a:
+                    t[i, a:z] = tables[i][a:z]
+                else:  # shrunk: cannot happen without a rewrite, but stay exact
+                    t[i].fill(0)
+                    t[i, :z] = tables[i]
+        else:
+            t.fill(0)
+            fill_block_tables(t, tables)
+        self._staged = None if epoch is None else (b, epoch, tables, lens)
         host[2 * b + n:3 * b] = -1
         host[2 * b:2 * b + n] = t[np.arange(n), p[:n] // bs] * bs + p[:n] % bs
         host[3 * b + n:4 * b] = 1
@@ -99,16 +122,17 @@ class DecodeGraphs:
         return n <= self.max_batch
 
     def run(self, ids: list[int], pos: list[int], tables: list[list[int]],
-            pending: torch.Tensor | None = None) -> torch.Tensor:
+            pending: torch.Tensor | None = None, table_epoch: int | None = None) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode-only batch of n <= max_batch rows: row i
         runs token ``ids[i]`` at position ``pos[i]`` over block table ``tables[i]``; a
-        placeholder id reads its token from ``pending`` on the device (overlap.py)."""
+        placeholder id reads its token from ``pending`` on the device (overlap.py).
+        ``table_epoch``: see :meth:`_fill` (None: write every table in full)."""
         n = len(ids)
         b = next(s for s in self.sizes if s >= n)
         size = self._size(b)
         self.copied.synchronize()  # the last step's copy may still read the pinned buffer
         staged = self.pinned[:size]
-        self._fill(staged.numpy(), b, ids, pos, tables)  # straight into the pinned buffer
+        self._fill(staged.numpy(), b, ids, pos, tables, table_epoch)  # straight into the pinned buffer
         self.buf[:size].copy_(staged, non_blocking=True)
         self.copied.record()
         if pending is not None:

@@ -436,8 +436,20 @@ class LLMEngine:
         new = decode_new_text(self.tokenizer, seq, p.skip_special_tokens)
         if new:
             seq.output_text += new
-        reason, stop_reason = self._check_stop(seq, token, prev_len)
         lps = (lp,) if lp is not None else ()
+        n = len(seq.token_ids)
+        n_out = n - seq.num_prompt_tokens
+        if (not p.stop and n_out < p.max_tokens and n < (self.config.max_model_len or 0)
+                and (n_out < p.min_tokens or (token not in p.stop_token_ids and (
+                    p.ignore_eos or token not in self.model_config.eos_token_ids)))):
+            # no stop of any kind can apply (the common row, one per running sequence a
+            # step): _check_stop's outcome without the call; no stop string holds text back
+            text = seq.output_text[seq.emitted_text_len:]
+            seq.emitted_text_len = len(seq.output_text)
+            if seq.prefill_only:
+                self._on_prefill_done(seq)
+            return TokenChunk(seq.request_id, (token,), text, logprobs=lps, index=seq.index)
+        reason, stop_reason = self._check_stop(seq, token, prev_len)
         if reason is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason

@@ -166,7 +166,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(len(batch)) and all(
                 s.num_new_tokens == 1 and s.seq.num_computed_tokens + 1 == len(s.seq.token_ids)
                 for s in batch):  # decode rows only (ScheduledSeq.samples, inlined)
-            return batch, self.model.logits(self._run_graph(batch, pending), as_float)
+            return batch, self.model.logits(self._run_graph(batch, pending, out.table_epoch), as_float)
         input_ids, positions, meta, rows = self.prepare(batch)
         if pending is not None:
             resolve_placeholders(input_ids, pending)
@@ -176,9 +176,10 @@ class ModelRunner:
         logits = self.model.logits(hidden[rows], as_float)
         return batch, logits
 
-    def _run_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None) -> torch.Tensor:
+    def _run_graph(self, batch: list[ScheduledSeq], pending: torch.Tensor | None,
+                   table_epoch: int | None = None) -> torch.Tensor:
         seqs = [s.seq for s in batch]
         pos = [seq.num_computed_tokens for seq in seqs]
         ids = [seq.token_ids[p] for seq, p in zip(seqs, pos, strict=True)]
         assert self.graphs is not None
-        return self.graphs.run(ids, pos, [seq.block_table for seq in seqs], pending)
+        return self.graphs.run(ids, pos, [seq.block_table for seq in seqs], pending, table_epoch)

@@ -50,6 +50,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    table_epoch: int = 0  # the block manager's table_rewrites once this step was scheduled
 
     @property
     def num_tokens(self) -> int:
@@ -178,6 +179,7 @@ class Scheduler:
                     computing.add(ahead)
             for entry in later:
                 heapq.heappush(self.waiting, entry)
+        out.table_epoch = self.bm.table_rewrites
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

@@ -54,6 +54,11 @@ class Sequence:
     emitted_text_len: int = 0
     prefix_offset: int = 0
     read_offset: int = 0
+    # tokenizers' DecodeStream, fed the first detok_fed tokens; False: this sequence uses
+    # the offsets. Not init fields: dataclasses.replace (forks, beams) gives the copy a
+    # stream of its own.
+    detok: Any = field(default=None, init=False, repr=False, compare=False)
+    detok_fed: int = field(default=0, init=False, repr=False, compare=False)
     # Set when the sequence only runs the prompt (a prefill worker): keep blocks when done.
     prefill_only: bool = False
     first_scheduled: float | None = None

@@ -56,3 +56,67 @@ def test_find_stop_returns_the_earliest_stop_overlapping_new_text():
     assert find_stop("hello world", 9, ("hello",)) is None  # entirely in old text: seen before
     assert find_stop("a STOP b END", 0, ("END", "STOP")) == (2, "STOP")
     assert find_stop("abc", 0, ()) is None
+
+
+class _OffsetsOnly:
+    """The tokenizer without its Rust core: decode_new_text takes the offsets path."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+def _run(tok, prompt, out, skip, switch_at=None, tok2=None):
+    """Deltas of ``out`` after ``prompt``; at ``switch_at`` the state moves to a fresh
+    sequence carrying only the offsets (as a P/D handoff does), decoded with ``tok2``."""
+    seq = Sequence("r", list(prompt), len(prompt), SamplingParams(), 0.0)
+    init_offsets(seq)
+    deltas = []
+    for i, t in enumerate(out):
+        if i == switch_at:
+            moved = Sequence("r", list(seq.token_ids), len(prompt), SamplingParams(), 0.0)
+            moved.prefix_offset, moved.read_offset = seq.prefix_offset, seq.read_offset
+            seq, tok = moved, tok2
+        seq.token_ids.append(t)
+        deltas.append(decode_new_text(tok, seq, skip_special_tokens=skip))
+    return deltas
+
+
+def test_stream_and_offsets_paths_give_the_same_text_across_handoffs(tokenizer):
+    """The DecodeStream path (fast tokenizers) and the offsets path agree on random tokens,
+    byte tokens and special tokens included, and a sequence handed over mid-way (offsets
+    only) continues with either path without losing or repeating text."""
+    import random
+
+    rng = random.Random(7)
+    slow = _OffsetsOnly(tokenizer)
+    vocab = len(tokenizer)
+    texts = ["naïve café 😀🤣 早上好 ok", "def f(x):\n    return x  # ü", "plain words here"]
+    for trial in range(150):
+        if trial % 2:
+            ids = tokenizer.encode(rng.choice(texts) + rng.choice(texts), add_special_tokens=False)
+        else:
+            ids = [rng.randrange(vocab) for _ in range(40)]
+        cut = rng.randrange(1, len(ids) - 1)
+        prompt, out = ids[:cut], ids[cut:]
+        skip = rng.random() < 0.5
+        want = "".join(_run(slow, prompt, out, skip))
+        assert "".join(_run(tokenizer, prompt, out, skip)) == want, (trial, prompt, out)
+        switch = rng.randrange(len(out))
+        for a, b in ((tokenizer, tokenizer), (tokenizer, slow), (slow, tokenizer)):
+            assert "".join(_run(a, prompt, out, skip, switch, b)) == want, (trial, switch)
+
+
+def test_stream_is_not_shared_by_a_copied_sequence(tokenizer):
+    from dataclasses import replace
+
+    prompt = tokenizer.encode("Hi")
+    seq = Sequence("r", list(prompt), len(prompt), SamplingParams(), 0.0)
+    init_offsets(seq)
+    seq.token_ids.append(tokenizer.encode(" there", add_special_tokens=False)[0])
+    decode_new_text(tokenizer, seq, skip_special_tokens=True)
+    assert seq.detok not in (None, False)
+    child = replace(seq, token_ids=list(seq.token_ids))  # a fork (n > 1, beams)
+    assert child.detok is None
+    for s, word in ((seq, " one"), (child, " two")):
+        s.token_ids.extend(tokenizer.encode(word, add_special_tokens=False))
+        assert decode_new_text(tokenizer, s, skip_special_tokens=True) == word

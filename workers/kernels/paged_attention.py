@@ -7,7 +7,8 @@ row is read once per group (GQA), not once per query head::
 
     grid (B, Hkv, S)      K/V tiles of BLOCK_N tokens, addressed through the block table
       q [GROUP, D]   x    K^T [D, BLOCK_N]  -> online softmax -> partial O [GROUP, D], LSE
-    grid (B, H)           merge the S partials by their log-sum-exp
+    grid (B, H)           merge the S partials by their log-sum-exp (S > 1 only: with one
+                          split, stage 1 writes the normalized output directly)
 
 A split's range depends only on the sequence's own length and the split count, both read
 on the device, so the launch needs no host value that changes per step (graph-capturable).
@@ -109,10 +110,12 @@ def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    # One split: MidO is the output itself (the merge would scale by exactly 1.0)
     tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-             out, mask=h_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+             out.to(MidO.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
 @fast
@@ -159,24 +162,28 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         out = torch.empty_like(q)
     if bsz == 0:
         return out
-    mid_o = torch.empty((bsz, h, num_splits, d), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q.device)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = triton.next_power_of_2(max(d, 16))
     block_n = 64 if block_d <= 64 else 32
     if q.dtype == torch.float32:
         block_n = 32
+    if num_splits == 1:  # stage 1 writes the output: no partials, no merge launch
+        mid_o, mid_lse = out, out
+        mid_strides = (out.stride(0), out.stride(1), 0, 0, 0)
+    else:
+        mid_o = torch.empty((bsz, h, num_splits, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q.device)
+        mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale * LOG2E,
+        *mid_strides, scale * LOG2E,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    _decode_merge_kernel[(bsz, h)](
-        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    if num_splits > 1:
+        _decode_merge_kernel[(bsz, h)](
+            mid_o, mid_lse, out, *mid_strides, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
