@@ -19,20 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_gpu import StubTokenizer  # scripts/ is on the path when run as a script
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.decode_graphs import DecodeGraphs, buckets
 from pdserve.workers.engine import LLMEngine
 from pdserve.workers.sampling_params import SamplingParams
-
-
-class StubTokenizer:
-    def encode(self, text, add_special_tokens=True):
-        raise NotImplementedError
-
-    def decode(self, ids, skip_special_tokens=False):
-        return ""
 
 
 class _NoOp:

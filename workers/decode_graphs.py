@@ -100,18 +100,13 @@ class DecodeGraphs:
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
         last = self._staged
         if (epoch is not None and last is not None and last[0] == b and last[1] == epoch
-                and len(last[2]) == n and all(map(is_, tables, last[2]))):
-            old = last[3]
-            for i in np.flatnonzero(lens != old).tolist():
-                a, z = int(old[i]), int(lens[i])
-                if z > a:
-                    t[i, a:z] = tables[i][a:z]
-                else:  # shrunk: cannot happen without a rewrite, but stay exact
-                    t[i].fill(0)
-                    t[i, :z] = tables[i]
+                and len(last[2]) == n and all(map(is_, tables, last[2])) and (lens >= last[3]).all()):
+            for i in np.flatnonzero(lens != last[3]).tolist():
+                a = int(last[3][i])
+                t[i, a:lens[i]] = tables[i][a:]
         else:
             t.fill(0)
-            fill_block_tables(t, tables)
+            fill_block_tables(t, tables, lens)
         self._staged = None if epoch is None else (b, epoch, tables, lens)
         host[2 * b + n:3 * b] = -1
         host[2 * b:2 * b + n] = t[np.arange(n), p[:n] // bs] * bs + p[:n] % bs

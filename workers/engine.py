@@ -437,19 +437,24 @@ class LLMEngine:
         if new:
             seq.output_text += new
         lps = (lp,) if lp is not None else ()
+        # Stop checks, inline: they run once per running sequence and step
         n = len(seq.token_ids)
         n_out = n - seq.num_prompt_tokens
-        if (not p.stop and n_out < p.max_tokens and n < (self.config.max_model_len or 0)
-                and (n_out < p.min_tokens or (token not in p.stop_token_ids and (
-                    p.ignore_eos or token not in self.model_config.eos_token_ids)))):
-            # no stop of any kind can apply (the common row, one per running sequence a
-            # step): _check_stop's outcome without the call; no stop string holds text back
-            text = seq.output_text[seq.emitted_text_len:]
-            seq.emitted_text_len = len(seq.output_text)
-            if seq.prefill_only:
-                self._on_prefill_done(seq)
-            return TokenChunk(seq.request_id, (token,), text, logprobs=lps, index=seq.index)
-        reason, stop_reason = self._check_stop(seq, token, prev_len)
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = FinishReason.STOP
+            elif token in p.stop_token_ids:
+                reason, stop_reason = FinishReason.STOP, token
+            elif p.stop:
+                hit = find_stop(seq.output_text, prev_len, p.stop)
+                if hit is not None:
+                    idx, s = hit
+                    seq.output_text = seq.output_text[:idx + (len(s) if p.include_stop_str_in_output else 0)]
+                    reason, stop_reason = FinishReason.STOP, s
+        if reason is None and (n_out >= p.max_tokens or n >= (self.config.max_model_len or 0)):
+            reason = FinishReason.LENGTH
         if reason is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason
@@ -480,24 +485,6 @@ class LLMEngine:
     def _on_prefill_done(self, seq: Sequence) -> None:
         """A prefill-only sequence sampled its first token: the P/D engine leases its blocks."""
         raise NotImplementedError("prefill_only requests need the disaggregated engine")
-
-    def _check_stop(self, seq: Sequence, token: int, prev_len: int) -> tuple[FinishReason | None, str | int | None]:
-        p = seq.params
-        num_output = len(seq.token_ids) - seq.num_prompt_tokens
-        if num_output >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return FinishReason.STOP, None
-            if token in p.stop_token_ids:
-                return FinishReason.STOP, token
-            if p.stop:
-                hit = find_stop(seq.output_text, prev_len, p.stop)
-                if hit is not None:
-                    idx, s = hit
-                    seq.output_text = seq.output_text[:idx + (len(s) if p.include_stop_str_in_output else 0)]
-                    return FinishReason.STOP, s
-        if num_output >= p.max_tokens or len(seq.token_ids) >= (self.config.max_model_len or 0):
-            return FinishReason.LENGTH, None
-        return None, None
 
     def _final_chunk(self, seq: Sequence, tokens: tuple[int, ...], text: str,
                      lps: tuple[Logprobs, ...]) -> TokenChunk:

@@ -24,11 +24,13 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype) 
     return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * width * elem
 
 
-def fill_block_tables(out: np.ndarray, tables: list[list[int]]) -> None:
+def fill_block_tables(out: np.ndarray, tables: list[list[int]], lens: np.ndarray | None = None) -> None:
     """Write each block table at the start of its row of ``out`` (zeroed: rows are padded
-    with 0) in a few numpy calls rather than one per row."""
+    with 0) in a few numpy calls rather than one per row. ``lens``: the tables' lengths,
+    where the caller has them."""
     n, width = len(tables), out.shape[1]
-    lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+    if lens is None:
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
     flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
     out[:n][np.arange(width) < lens[:, None]] = flat
 
