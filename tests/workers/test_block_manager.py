@@ -158,6 +158,30 @@ def test_fork_shares_blocks_and_copies_a_shared_partial_block_on_write():
     assert bm.num_free_blocks == 8
 
 
+def test_in_place_table_rewrites_bump_the_epoch_and_appends_do_not():
+    """The decode graphs copy only appended block-table entries while ``table_rewrites``
+    stands still (decode_graphs.py): copy-on-write and truncation must move it."""
+    bm = BlockManager(16, BS)
+    parent = make_seq("r", list(range(6)))
+    admit(bm, parent)
+    assert bm.table_rewrites == 0
+    parent.token_ids.extend([7, 8, 9])
+    bm.allocate(parent, 3)  # appends a block
+    assert bm.table_rewrites == 0
+    child = make_seq("r", list(parent.token_ids), seq_id="r#1")
+    parent.num_computed_tokens = 9
+    bm.fork(parent, child)  # a new list for the child: not an in-place rewrite
+    assert bm.table_rewrites == 0
+    child.token_ids.append(42)
+    assert bm.allocate(child, 1)  # copy-on-write of the shared partial block
+    assert bm.table_rewrites == 1
+    parent.num_computed_tokens = 4  # speculative KV rejected past the first block
+    bm.truncate(parent)
+    assert bm.table_rewrites == 2 and len(parent.block_table) == 1
+    bm.truncate(parent)  # nothing past the computed tokens: no rewrite
+    assert bm.table_rewrites == 2
+
+
 def test_copy_on_write_counts_as_a_needed_block():
     bm = BlockManager(2, BS)
     parent = make_seq("r", list(range(6)))
