@@ -461,12 +461,15 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
     warm = workload()
     # One engine per setting, kept for all repeats; every repeat runs fresh prompts (the same
     # ones for caching on and off, interleaved), so a repeat never hits an earlier one's blocks.
+    # ("shared", "per-row"): caching on, shared-prefix attention off (each row reads its
+    # whole prefix), to show what that kernel adds
     engines = {}
-    for name in ("shared", "unique"):
-        for caching in (True, False):
-            eng = make_engine(model, cfg_dict, tmp, args, "auto", n, prefix_caching=caching)
-            run_offline(eng, warm, args.output_len)  # warm-up on other prompts
-            engines[(name, caching)] = eng
+    for name, caching in (("shared", True), ("shared", False), ("unique", True), ("unique", False),
+                          ("shared", "per-row")):
+        eng = make_engine(model, cfg_dict, tmp, args, "auto", n, prefix_caching=bool(caching),
+                          shared_prefix_attention=caching != "per-row")
+        run_offline(eng, warm, args.output_len)  # warm-up on other prompts
+        engines[(name, caching)] = eng
     runs: dict = {k: [] for k in engines}
     phases: dict = {k: [] for k in engines}  # (prefill steps s, decode step ms) per repeat
     for rep in range(args.repeats):
@@ -487,6 +490,13 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                       "shared_caching_on_tok_s": round(res[("shared", True)], 1),
                       "shared_caching_off_tok_s": round(res[("shared", False)], 1),
                       "speedup": round(res[("shared", True)] / res[("shared", False)], 2),
+                      "shared_per_row_attention_tok_s": round(res[("shared", "per-row")], 1),
+                      "speedup_per_row_attention": round(res[("shared", "per-row")]
+                                                         / res[("shared", False)], 2),
+                      # (prefill phase s, decode step ms): caching on, off, on with per-row attention
+                      "shared_phases": {str(k[1]): [round(statistics.median(x[i] for x in phases[k]), 4)
+                                                    for i in (0, 1)]
+                                        for k in phases if k[0] == "shared"},
                       "zero_hit_on_tok_s": round(res[("unique", True)], 1),
                       "zero_hit_off_tok_s": round(res[("unique", False)], 1),
                       "zero_hit_overhead": round(1 - res[("unique", True)] / res[("unique", False)], 4),

@@ -27,6 +27,7 @@ from pdserve.workers.quant import KV_INT8, dequantize_kv, quantize_kv
 
 if TYPE_CHECKING:  # no triton import at run time: the module also serves CPU-only installs
     from pdserve.workers.kernels.prefill_attention import PrefillPlan
+    from pdserve.workers.kernels.shared_prefix import SharedPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_len] bool
     decode_splits: int | None = None  # split-KV count of the Triton decode kernel
     prefill_plan: PrefillPlan | None = None  # tile schedule of the Triton prefill kernel
+    # decode rows sharing leading blocks, read once per chunk (kernels/shared_prefix.py)
+    shared_prefix: SharedPrefix | None = None
 
     @property
     def num_seqs(self) -> int:

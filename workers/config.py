@@ -40,6 +40,8 @@ class EngineConfig:
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     attention_backend: str = "auto"  # "auto" (Triton on CUDA), "triton" or "torch" (reference)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA + Triton attention only)
+    # decode rows that share leading blocks read them once per group (Triton attention only)
+    shared_prefix_attention: bool = True
     # schedule step N+1 while step N runs (overlap.py); None: on for CUDA, off on CPU
     async_scheduling: bool | None = None
 

@@ -79,7 +79,8 @@ class LLMEngine:
                                   make_attention_backend("torch" if kv_dtype == torch.int8
                                                          else config.attention_backend, self.device),
                                   max_model_len=max_len, cuda_graphs=config.cuda_graphs,
-                                  max_num_seqs=config.max_num_seqs)
+                                  max_num_seqs=config.max_num_seqs,
+                                  shared_prefix_attention=config.shared_prefix_attention)
         self.sampler = Sampler(self.model_config.eos_token_ids, config.seed, self.device)
         self.prompts = PromptProcessor(self.tokenizer, self.vocab_size, max_len)
         self.requests: dict[str, Sequence] = {}

@@ -41,7 +41,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  device: torch.device, kv_dtype: torch.dtype | None = None,
                  backend: AttentionBackend | None = None, max_model_len: int | None = None,
-                 cuda_graphs: bool = False, max_num_seqs: int = 0) -> None:
+                 cuda_graphs: bool = False, max_num_seqs: int = 0,
+                 shared_prefix_attention: bool = True) -> None:
         if device.type == "cuda":
             # One GEMM for q/k/v and one for gate/up: fewer, wider kernels (the CPU keeps
             # transformers' separate products, which its exactness tests compare against).
@@ -60,17 +61,26 @@ class ModelRunner:
         self._pinned: torch.Tensor | None = None  # staging buffer for the per-step inputs
         self._copied: torch.cuda.Event | None = None
         self.graphs = None  # DecodeGraphs: decode-only steps replay a captured graph
-        if cuda_graphs and device.type == "cuda" and max_model_len and max_num_seqs:
+        # rows per shared-prefix chunk (kernels/shared_prefix.py); 0: no plans
+        self.shared_rows = 0
+        self.shared_prefix_steps = 0  # eager steps that ran a shared-prefix plan
+        triton_backend = False
+        if device.type == "cuda":
             from pdserve.workers.kernels.attention import TritonAttention
 
-            if isinstance(self.backend, TritonAttention):
-                from pdserve.workers.decode_graphs import DecodeGraphs
+            triton_backend = isinstance(self.backend, TritonAttention)
+        if triton_backend and shared_prefix_attention:
+            from pdserve.workers.kernels.shared_prefix import rows_per_chunk
 
-                try:
-                    self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, block_size,
-                                               max_model_len, max_num_seqs, device)
-                except RuntimeError as e:  # a layer that syncs or reads host values: no graphs
-                    logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
+            self.shared_rows = rows_per_chunk(c.num_attention_heads // c.num_key_value_heads)
+        if cuda_graphs and triton_backend and max_model_len and max_num_seqs:
+            from pdserve.workers.decode_graphs import DecodeGraphs
+
+            try:
+                self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, block_size,
+                                           max_model_len, max_num_seqs, device, self.shared_rows)
+            except RuntimeError as e:  # a layer that syncs or reads host values: no graphs
+                logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -141,20 +151,42 @@ class ModelRunner:
                 else:
                     sample_rows.append(end - 1)
         t, ns = len(ids), len(sample_rows)
-        host = np.concatenate([np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64),
-                               tables.ravel()])
-        dev = self._stage(host)
+        nd = nseq - num_prefills
+        plan = None
+        if self.shared_rows and nd >= 2:  # the decode rows' positions are pos' last nd
+            plan = self._plan(tables[num_prefills:], np.asarray(pos[t - nd:], dtype=np.int64) // bs)
+        parts = [np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64), tables.ravel()]
+        if plan is not None:
+            parts.extend(a.ravel() for a in plan)
+        dev = self._stage(np.concatenate(parts))
         o = 3 * t
+        at = o + nseq + ns + tables.size
         meta = AttentionMetadata(
             slot_mapping=dev[2 * t:o],
             query_start_loc=qsl,
             seq_lens=seq_lens,
             num_prefills=num_prefills,
-            block_tables=dev[o + nseq + ns:].view(nseq, max_blocks),
+            block_tables=dev[o + nseq + ns:at].view(nseq, max_blocks),
             block_size=bs,
             seq_lens_tensor=dev[o:o + nseq],
         )
+        if plan is not None:
+            from pdserve.workers.kernels.shared_prefix import SharedPrefix
+
+            self.shared_prefix_steps += 1
+            prefix, chunk_rows, chunk_lens = plan
+            c = len(chunk_lens)
+            tails = np.asarray(seq_lens[num_prefills:], dtype=np.int64) - prefix
+            meta.shared_prefix = SharedPrefix(
+                dev[at:at + nd], dev[at + nd:at + nd + chunk_rows.size].view(c, -1),
+                dev[at + nd + chunk_rows.size:at + nd + chunk_rows.size + c],
+                num_chunks=c, max_shared=int(chunk_lens.max()), max_tail=int(tails.max()))
         return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
+
+    def _plan(self, tables: np.ndarray, last_block: np.ndarray):
+        from pdserve.workers.kernels.shared_prefix import plan_shared_prefix
+
+        return plan_shared_prefix(tables, last_block, self.block_size, self.shared_rows)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None,

@@ -99,6 +99,74 @@ def test_decode_kernel_matches_reference(dtype, group, head_dim):
             assert err < TOL[dtype], (trial, splits, lens, err)
 
 
+def shared_tables(groups: list[tuple[int, int]], lens: list[int], block_size: int,
+                  num_blocks: int, rng: random.Random) -> torch.Tensor:
+    """Rows in groups (rows, shared blocks): a group's rows begin with the same blocks, then
+    each has its own; ``lens`` per row. Rows padded with 0."""
+    need = [-(-n // block_size) for n in lens]
+    ids = iter(rng.sample(range(num_blocks), num_blocks))
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int64)
+    i = 0
+    for rows, k in groups:
+        common = [next(ids) for _ in range(k)]
+        for _ in range(rows):
+            tables[i, :need[i]] = torch.tensor(common + [next(ids) for _ in range(need[i] - k)])
+            i += 1
+    return tables.to(DEVICE)
+
+
+@pytest.mark.parametrize(("dtype", "group", "head_dim"),
+                         [(torch.bfloat16, 7, 64), (torch.float16, 4, 128), (torch.float32, 1, 64),
+                          (torch.float32, 2, 128), (torch.bfloat16, 16, 128)])
+def test_shared_prefix_decode_matches_reference(dtype, group, head_dim):
+    """Rows in groups sharing leading blocks (of random length), with singletons and rows
+    whose tail is one token: the shared-prefix plan and kernels give the reference output,
+    for any split counts."""
+    from pdserve.workers.attention import TorchAttention
+    from pdserve.workers.kernels.paged_attention import decode_attention
+    from pdserve.workers.kernels.shared_prefix import (
+        SharedPrefix,
+        plan_shared_prefix,
+        rows_per_chunk,
+    )
+
+    skip_interpreted_bf16(dtype)
+    rng = random.Random(f"shared-{dtype}-{group}-{head_dim}")
+    torch.manual_seed(rng.randrange(1 << 30))
+    for trial in range(size(3, 2)):
+        bs = rng.choice([16, 32])
+        hkv = rng.choice([1, 2])
+        groups = [(rng.randint(1, size(40, 5)), rng.randint(1, size(40, 4))) for _ in range(rng.randint(1, 4))]
+        lens = [k * bs + rng.choice([1, rng.randint(1, size(300, 40))]) for rows, k in groups
+                for _ in range(rows)]
+        num_blocks = sum(k for _, k in groups) + sum(-(-n // bs) for n in lens) + 4
+        cache = make_cache(num_blocks, bs, hkv, head_dim, dtype)
+        tables = shared_tables(groups, lens, bs, num_blocks, rng)
+        rows = rows_per_chunk(group)
+        plan = plan_shared_prefix(tables.cpu().numpy(), (torch.tensor(lens) - 1).numpy() // bs, bs,
+                                  rows, min_saved=0)
+        if plan is None:
+            assert all(r == 1 for r, _ in groups)
+            continue
+        prefix, chunk_rows, chunk_lens = (torch.from_numpy(a).to(DEVICE) for a in plan)
+        assert all(int(prefix[i]) in (0, k * bs) for i, k in
+                   enumerate(k for r, k in groups for _ in range(r)))
+        sp = SharedPrefix(prefix, chunk_rows, chunk_lens)
+        q = torch.randn(len(lens), hkv * group, head_dim, dtype=dtype, device=DEVICE)
+        meta = decode_meta(lens, tables, bs)
+        k_new = cache[0].view(-1, hkv, head_dim)[meta.slot_mapping]
+        v_new = cache[1].view(-1, hkv, head_dim)[meta.slot_mapping]
+        ref = TorchAttention().forward(q.float(), k_new.float(), v_new.float(), cache.float(),
+                                       meta, head_dim ** -0.5)
+        for own, splits in ((1, 1), (2, 4), (4, 16))[:size(3, 2)]:
+            out = torch.full_like(q, float("nan"))
+            decode_attention(q, cache, tables, meta.seq_lens_tensor, head_dim ** -0.5, own,
+                             out=out, shared=sp, shared_splits=splits)
+            assert not out.isnan().any(), (trial, own, splits)
+            err = rel_err(out, ref)
+            assert err < TOL[dtype], (trial, own, splits, groups, err)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_write_kv_matches_index_copy(dtype):
     from pdserve.workers.attention import write_kv as ref_write

@@ -109,6 +109,30 @@ def test_engine_greedy_triton_equals_torch(tmp_path: Path, chunk, graphs, spec):
     assert outs["triton"] == outs["torch"]
 
 
+@gpu_only
+@pytest.mark.parametrize("graphs", [True, False])
+def test_engine_shared_prefix_attention_equals_torch(tmp_path: Path, graphs):
+    """Eight requests on one long system prompt (prefix-cache hits) and two others: decode
+    steps read the shared blocks once per chunk (through the CUDA graph or eager), and
+    the tokens are the reference's; with the plan turned off too."""
+    from pdserve.workers.kernels.attention import TritonAttention
+
+    folder = tiny_model_folder(tmp_path)
+    rng = random.Random(5)
+    system = [rng.randrange(3, 512) for _ in range(1300)]  # 7 rows x 1,296 shared: a plan
+    prompts = ([system + [rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(8)]
+               + [[rng.randrange(3, 512) for _ in range(n)] for n in (30, 700)])
+    ref = greedy(engine(folder, "cuda", False, attention_backend="torch", max_model_len=2048),
+                 prompts, 24)
+    for shared in (True, False):
+        eng = engine(folder, "cuda", False, attention_backend="triton", cuda_graphs=graphs,
+                     max_model_len=2048, shared_prefix_attention=shared)
+        assert isinstance(eng.runner.backend, TritonAttention)
+        assert greedy(eng, prompts, 24) == ref, shared
+        runs = eng.runner.shared_prefix_steps + (eng.runner.graphs.shared_replays if graphs else 0)
+        assert (runs > 0) == shared, runs
+
+
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU, the test above")
 @pytest.mark.parametrize("spec", [False, True])
 def test_interpreted_engine_equals_torch(tmp_path: Path, monkeypatch, spec):

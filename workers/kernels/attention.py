@@ -14,9 +14,10 @@ class TritonAttention:
 
     The new K/V go into the cache first; then the multi-token rows (prompts, chunks, prefix
     hits, verification rows) run the prefill kernel and the decode rows (one query token
-    each) the split-KV decode kernel, both straight over the block table. Their schedules
-    come from the metadata's host lists, once per step for all layers; nothing here reads a
-    device value on the host.
+    each) the split-KV decode kernel, both straight over the block table; decode rows that
+    share leading blocks read them once per chunk when the metadata carries a plan. Their
+    schedules come from the metadata's host lists, once per step for all layers; nothing
+    here reads a device value on the host.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -31,8 +32,11 @@ class TritonAttention:
                                              q.shape[2], q.dtype, q.device)
         nd = meta.num_seqs - meta.num_prefills
         if nd and meta.decode_splits is None:
-            max_len = max(meta.seq_lens[meta.num_prefills:])
+            sp = meta.shared_prefix
+            max_len = sp.max_tail if sp is not None else max(meta.seq_lens[meta.num_prefills:])
             meta.decode_splits = num_splits_for(nd, num_kv_heads, max_len, self.num_sms)
+            if sp is not None and sp.splits is None:
+                sp.splits = num_splits_for(sp.num_chunks, num_kv_heads, sp.max_shared, self.num_sms)
             if meta.seq_lens_tensor is None:
                 meta.seq_lens_tensor = torch.tensor(meta.seq_lens, dtype=torch.int32,
                                                     device=q.device)
@@ -49,6 +53,8 @@ class TritonAttention:
             p = meta.num_prefills
             s = meta.query_start_loc[p]
             assert meta.seq_lens_tensor is not None
+            sp = meta.shared_prefix
             decode_attention(q[s:], kv_cache, meta.block_tables[p:], meta.seq_lens_tensor[p:],
-                             scale, meta.decode_splits, out=out[s:])
+                             scale, meta.decode_splits, out=out[s:], shared=sp,
+                             shared_splits=sp.splits or 1 if sp is not None else 1)
         return out

@@ -10,6 +10,9 @@ row is read once per group (GQA), not once per query head::
     grid (B, H)           merge the S partials by their log-sum-exp (S > 1 only: with one
                           split, stage 1 writes the normalized output directly)
 
+With a shared-prefix plan (shared_prefix.py), stage 1 covers only each row's tail after
+the prefix its chunk reads, and the chunk's partials join the merge as extra splits.
+
 A split's range depends only on the sequence's own length and the split count, both read
 on the device, so the launch needs no host value that changes per step (graph-capturable).
 """
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.workers.kernels.launch import fast
+from pdserve.workers.kernels.shared_prefix import SharedPrefix, shared_prefix_attention
 
 LOG2E = 1.4426950408889634
 
@@ -56,19 +60,22 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 @fast
 @triton.jit
-def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
+def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, MidO, MidLse,
                          stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                          sm_scale_log2,
                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, HAS_PREFIX: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    first = 0
+    if HAS_PREFIX:  # a shared-prefix chunk reads [0, prefix): this row reads its tail only
+        first = tl.load(PrefixLens + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -113,21 +120,23 @@ def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, MidO, MidLse,
     # One split: MidO is the output itself (the merge would scale by exactly 1.0)
     tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
              out.to(MidO.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
-    if NUM_SPLITS > 1:
+    if NUM_SPLITS > 1 or HAS_PREFIX:  # partials to merge
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
 @fast
 @triton.jit
-def _decode_merge_kernel(MidO, MidLse, Out, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                         stride_ob, stride_oh,
+def _decode_merge_kernel(MidO, MidLse, PrefixLens, Out, stride_mb, stride_mh, stride_ms,
+                         stride_lb, stride_lh, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         NUM_OWN: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < NUM_SPLITS
+    if NUM_OWN < NUM_SPLITS:  # slots NUM_OWN.. hold a shared-prefix chunk's: only if in one
+        s_mask = s_mask & ((offs_s < NUM_OWN) | (tl.load(PrefixLens + b) > 0))
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
@@ -135,7 +144,7 @@ def _decode_merge_kernel(MidO, MidLse, Out, stride_mb, stride_mh, stride_ms, str
     w = tl.exp2(lse - m)
     w = w / tl.sum(w, 0)
     o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=(s_mask & (lse > float("-inf")))[:, None] & d_mask[None, :], other=0.0)
     out = tl.sum(o * w[:, None], 0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
 
@@ -149,11 +158,14 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int) ->
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, shared: SharedPrefix | None = None,
+                     shared_splits: int = 1) -> torch.Tensor:
     """One query token per sequence over its paged KV.
 
     q: [B, H, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, M] int;
-    seq_lens: [B] int (KV length, the new token included, already written). Returns [B, H, D].
+    seq_lens: [B] int (KV length, the new token included, already written). ``shared``: a
+    shared-prefix plan (shared_prefix.py), read in ``shared_splits`` splits per chunk; each
+    row's own ``num_splits`` then cover only its tail. Returns [B, H, D].
     """
     bsz, h, d = q.shape
     _, nb, block_size, hkv, _ = kv_cache.shape
@@ -167,23 +179,28 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     block_n = 64 if block_d <= 64 else 32
     if q.dtype == torch.float32:
         block_n = 32
-    if num_splits == 1:  # stage 1 writes the output: no partials, no merge launch
+    slots = num_splits + (shared_splits if shared is not None else 0)
+    if slots == 1:  # stage 1 writes the output: no partials, no merge launch
         mid_o, mid_lse = out, out
         mid_strides = (out.stride(0), out.stride(1), 0, 0, 0)
     else:
-        mid_o = torch.empty((bsz, h, num_splits, d), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((bsz, h, num_splits), dtype=torch.float32, device=q.device)
+        mid_o = torch.empty((bsz, h, slots, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, h, slots), dtype=torch.float32, device=q.device)
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
+    prefix_lens = shared.prefix_lens if shared is not None else seq_lens
     _decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, mid_o, mid_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *mid_strides, scale * LOG2E,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    if num_splits > 1:
+        HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    if shared is not None:
+        shared_prefix_attention(q, kv_cache, block_tables, shared, shared_splits, scale * LOG2E,
+                                mid_o, mid_lse, num_splits)
+    if slots > 1:
         _decode_merge_kernel[(bsz, h)](
-            mid_o, mid_lse, out, *mid_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+            mid_o, mid_lse, prefix_lens, out, *mid_strides, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=slots, NUM_OWN=num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(slots)), num_warps=4)
     return out

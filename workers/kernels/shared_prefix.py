@@ -1,0 +1,200 @@
+"""Shared-prefix (cascade) decode attention: decode rows whose block tables begin with the same
+blocks (prefix-cache hits on one system prompt, forks of one prompt) read those blocks once
+per group of rows instead of once per row.
+
+The plan, made on the host from the step's block tables, puts rows that share their leading
+blocks into chunks of at most ``ROWS`` rows. One program per (chunk, KV head, split) attends
+every query head of every row of its chunk over the shared blocks at once; the query tile is
+``ROWS x GROUP`` rows, so the shared K/V, read once, feeds a real matrix product::
+
+    rows r0..r15 of a chunk, one KV head:
+      Q [r x group, D]  x  K_shared^T [D, BLOCK_N]  -> online softmax -> partial O, LSE
+    each row then attends its own tail [prefix_len, seq_len) in the split-KV decode kernel,
+    and the merge combines the tail's splits with the chunk's by log-sum-exp.
+
+The partials go into the same buffers as the decode kernel's splits, in slots after its own,
+so one merge launch combines them. Everything the launch reads that changes per step is on
+the device: a CUDA graph captures it with empty chunks and replays it with any plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.workers.kernels.launch import fast
+
+# A plan is used only when it saves at least this many K/V token reads per layer: below it,
+# the extra launch costs more than the re-reads (and L2 absorbs many of them).
+MIN_SAVED_TOKENS = 8192
+QUERY_TILE = 128  # query rows (rows x heads per KV head) of one shared-prefix program
+
+
+def rows_per_chunk(group: int) -> int:
+    """How many sequences share one program: a ``QUERY_TILE`` query tile at most (1: the
+    query group alone fills it, no plan)."""
+    return max(1, min(32, QUERY_TILE // triton.next_power_of_2(group)))
+
+
+@dataclass(slots=True)
+class SharedPrefix:
+    """One step's plan on the device, for the decode rows of the batch (their own indexing).
+
+    ``prefix_lens[i]``: tokens of row i that its chunk reads (0: the row is in no chunk);
+    ``chunk_rows[c]``: the rows of chunk c, padded with -1; ``chunk_lens[c]``: its shared
+    tokens (0: an unused chunk, its programs return at once). ``splits``: programs per
+    (chunk, KV head) along the shared length; ``None`` lets the backend pick them from
+    ``num_chunks`` and ``max_shared``. ``max_tail``: the longest row tail, for the decode
+    kernel's own split count (host values; a CUDA graph fixes both splits instead)."""
+
+    prefix_lens: torch.Tensor
+    chunk_rows: torch.Tensor
+    chunk_lens: torch.Tensor
+    splits: int | None = None
+    num_chunks: int = 0
+    max_shared: int = 0
+    max_tail: int = 0
+
+
+def plan_shared_prefix(tables: np.ndarray, last_block: np.ndarray, block_size: int, rows: int,
+                       min_saved: int = MIN_SAVED_TOKENS):
+    """Group decode rows by shared leading blocks.
+
+    tables: [n, W] block ids; last_block[i]: the index (in row i's table) of the block that
+    takes row i's new token. Only blocks before it can be shared: that one is the row's own
+    (a write into a shared block copies it first). Rows are grouped by their first block and
+    a group shares the longest prefix common to all its rows (two levels, as FlashInfer's
+    cascade; rows sharing more among themselves than with their group read the rest in
+    their tails). Returns ``(prefix_lens [n], chunk_rows [C, rows], chunk_lens [C])`` as
+    int64 arrays, or None when no chunk saves ``min_saved`` token reads."""
+    n = len(tables)
+    if n < 2 or rows < 2:
+        return None
+    first = tables[:, 0]
+    order = np.argsort(first, kind="stable")
+    sf = first[order]
+    cut = np.flatnonzero(sf[1:] != sf[:-1]) + 1
+    starts = np.concatenate(([0], cut))
+    ends = np.concatenate((cut, [n]))
+    groups = np.flatnonzero(ends - starts >= 2)
+    if not len(groups):
+        return None
+    prefix = np.zeros(n, dtype=np.int64)
+    members: list[np.ndarray] = []
+    shared: list[int] = []
+    saved = 0
+    for gi in groups.tolist():
+        g = order[starts[gi]:ends[gi]]
+        cap = int(last_block[g].min())
+        if cap == 0:
+            continue
+        same = (tables[g, :cap] == tables[g[0], :cap]).all(0)
+        k = cap if same.all() else int(same.argmin())
+        for c in range(0, len(g), rows):
+            part = g[c:c + rows]
+            if len(part) >= 2:
+                members.append(part)
+                shared.append(k * block_size)
+                prefix[part] = k * block_size
+                saved += (len(part) - 1) * k * block_size
+    if saved < min_saved:
+        return None
+    chunk_rows = np.full((len(members), rows), -1, dtype=np.int64)
+    for c, part in enumerate(members):
+        chunk_rows[c, :len(part)] = part
+    return prefix, chunk_rows, np.asarray(shared, dtype=np.int64)
+
+
+@fast
+@triton.jit
+def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, MidO, MidLse,
+                          stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
+                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                          sm_scale_log2, first_slot,
+                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                          ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    c = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    shared = tl.load(ChunkLens + c)
+    if shared > 0:
+        per_split = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        end = tl.minimum(start + per_split, shared)
+
+        offs_m = tl.arange(0, ROWS * BLOCK_H)  # query row m: sequence m // BLOCK_H, head m % BLOCK_H
+        row = tl.load(ChunkRows + c * ROWS + offs_m // BLOCK_H)
+        h = offs_m % BLOCK_H
+        m_mask = (row >= 0) & (h < GROUP)
+        row = tl.maximum(row, 0).to(tl.int64)
+        heads = kvh * GROUP + h
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(Q + row[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([ROWS * BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS * BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([ROWS * BLOCK_H, BLOCK_D], dtype=tl.float32)
+        # the shared blocks are the same in every row's table: read the chunk's first row's
+        table = BlockTables + tl.load(ChunkRows + c * ROWS).to(tl.int64) * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            p_mask = pos < end
+            blk = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+            slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
+            kv_mask = p_mask[:, None] & d_mask[None, :]
+            k = tl.load(KCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(p_mask[None, :], s * sm_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(VCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        has = l_i > 0.0  # an empty split: LSE -inf, the merge skips it
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        at = first_slot + split
+        tl.store(MidO + row[:, None] * stride_mb + heads[:, None] * stride_mh + at * stride_ms
+                 + offs_d[None, :], out, mask=m_mask[:, None] & d_mask[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(MidLse + row * stride_lb + heads * stride_lh + at, lse, mask=m_mask)
+
+
+def shared_prefix_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            plan: SharedPrefix, splits: int, scale_log2: float,
+                            mid_o: torch.Tensor, mid_lse: torch.Tensor, first_slot: int) -> None:
+    """Each chunk's rows over its shared blocks, into slots ``first_slot ..`` of the
+    decode kernel's partial buffers (mid_o [B, H, slots, D], mid_lse [B, H, slots])."""
+    _, h, d = q.shape
+    _, _, block_size, hkv, _ = kv_cache.shape
+    group = h // hkv
+    block_h = triton.next_power_of_2(group)
+    rows = plan.chunk_rows.shape[1]
+    block_d = triton.next_power_of_2(max(d, 16))
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _shared_prefix_kernel[(plan.chunk_rows.shape[0], hkv, splits)](
+        q, k_cache, v_cache, block_tables, plan.chunk_rows, plan.chunk_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale_log2, first_slot,
+        BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=block_h, ROWS=rows, HEAD_DIM=d,
+        BLOCK_D=block_d, BLOCK_N=64 if block_d <= 64 else 32, NUM_SPLITS=splits,
+        IEEE=q.dtype == torch.float32, num_warps=8 if rows * block_h * block_d > 8192 else 4,
+        num_stages=2)
