@@ -480,8 +480,6 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
             r = run_offline(eng, work[name], args.output_len)
             runs[(name, caching)].append(n * args.output_len / r["wall_s"])
             phases[(name, caching)].append((r["prefill_steps_s"], r["decode_step_ms"]))
-    for eng in engines.values():
-        release(eng)
     res = {k: statistics.median(v) for k, v in runs.items()}
     ratios = [on / off for on, off in zip(runs[("unique", True)], runs[("unique", False)], strict=True)]
     print(json.dumps({**base, "bench": "shared_prefix", "groups": args.groups,
@@ -493,6 +491,9 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                       "shared_per_row_attention_tok_s": round(res[("shared", "per-row")], 1),
                       "speedup_per_row_attention": round(res[("shared", "per-row")]
                                                          / res[("shared", False)], 2),
+                      "shared_prefix_replays": {str(k[1]): e.runner.graphs.shared_replays
+                                                for k, e in engines.items() if k[0] == "shared"
+                                                and e.runner.graphs is not None},
                       # (prefill phase s, decode step ms): caching on, off, on with per-row attention
                       "shared_phases": {str(k[1]): [round(statistics.median(x[i] for x in phases[k]), 4)
                                                     for i in (0, 1)]
@@ -508,6 +509,8 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                                               for i in (0, 1)],
                       "repeats": args.repeats, "statistic": "median"}),
           flush=True)
+    for eng in engines.values():
+        release(eng)
 
 
 def profile_decode(eng, prompts, args, path: Path) -> None:

@@ -6,8 +6,8 @@ Each graph reads its inputs from one static device buffer; a step writes its row
 states back. The layout for bucket ``b`` (``M`` = block-table width for max_model_len,
 ``C = b // 2`` shared-prefix chunks of ``R`` rows)::
 
-    buf : int64 [ ids b | positions b | slots b | seq_lens b | prefix_lens b
-                  | chunk_lens C | chunk_rows C*R | block_tables b*M ]
+    buf : int64 [ ids b | positions b | slots b | seq_lens b | plan | block_tables b*M ]
+    plan:       [ prefix_lens b | chunk_lens C | splits 1 | chunk_rows C*R ]
 
 A bucket of 4 rows or more has a second graph with shared-prefix attention
 (kernels/shared_prefix.py); a step whose rows share enough leading blocks replays it, with
@@ -29,7 +29,13 @@ import torch
 from pdserve.workers.attention import AttentionMetadata
 from pdserve.workers.kernels.attention import TritonAttention
 from pdserve.workers.kernels.paged_attention import num_splits_for
-from pdserve.workers.kernels.shared_prefix import MIN_SAVED_TOKENS, SharedPrefix, plan_shared_prefix
+from pdserve.workers.kernels.shared_prefix import (
+    MIN_SAVED_FRACTION,
+    MIN_SAVED_TOKENS,
+    SharedPrefix,
+    flat_plan,
+    plan_shared_prefix,
+)
 from pdserve.workers.model_runner import fill_block_tables
 from pdserve.workers.models.decoder import CausalLM
 from pdserve.workers.overlap import resolve_placeholders
@@ -49,7 +55,8 @@ class DecodeGraphs:
         self.block_size = block_size
         self.width = -(-max_model_len // block_size)
         self.rows = max(shared_rows, 1)  # R: rows per shared-prefix chunk
-        self.min_saved = MIN_SAVED_TOKENS
+        self.min_saved, self.min_fraction = MIN_SAVED_TOKENS, MIN_SAVED_FRACTION
+        self.lanes = max(1, backend.num_sms // model.config.num_key_value_heads)
         self.sizes = sorted(set(buckets(max_batch)))
         self.max_batch = self.sizes[-1]
         self.buf = torch.zeros(self._size(self.max_batch), dtype=torch.int64, device=device)
@@ -67,14 +74,14 @@ class DecodeGraphs:
         pool = None
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
-                ids, pos, slots, lens, prefix, chunk_lens, chunk_rows, tables = self._views(b)
+                ids, pos, slots, lens, plan_buf, tables = self._views(b)
                 host = np.zeros(self._size(b), dtype=np.int64)  # no plan: chunks empty
                 self._fill(host, b, [], [], [])
                 self.buf[:self._size(b)].copy_(torch.from_numpy(host))
                 plans = [None]
                 if shared_rows >= 2 and b >= 4:  # chunks are empty at capture: the replay fills them
-                    plans.append(SharedPrefix(prefix, chunk_rows, chunk_lens, splits=min(16, num_splits_for(
-                        max(1, b // shared_rows), hkv, max_model_len, sms))))
+                    plans.append(SharedPrefix.view(plan_buf, b, max(1, b // 2), self.rows,
+                                                   self._programs(b)))
                 for plan in plans:
                     meta = AttentionMetadata(
                         slot_mapping=slots, query_start_loc=list(range(b + 1)), seq_lens=[1] * b,
@@ -92,15 +99,21 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s (shared-prefix: %s)",
                     self.sizes, sorted(self.shared_graphs))
 
+    def _programs(self, b: int) -> int:
+        """The shared-prefix grid of bucket b: one program per chunk at least, and room for
+        the splits that fill the GPU (plan_shared_prefix picks them within it)."""
+        return max(b // 2, 2 * self.lanes)
+
+    def _plan_size(self, b: int) -> int:  # chunks have >= 2 rows: at most b // 2 of them
+        return SharedPrefix.size(b, max(1, b // 2), self.rows)
+
     def _size(self, b: int) -> int:
-        c = max(1, b // 2)
-        return b * (5 + self.width) + c * (1 + self.rows)
+        return b * (4 + self.width) + self._plan_size(b)
 
     def _views(self, b: int):
-        buf, c, r = self.buf, max(1, b // 2), self.rows
-        at = 5 * b + c * (1 + r)
-        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:4 * b], buf[4 * b:5 * b],
-                buf[5 * b:5 * b + c], buf[5 * b + c:at].view(c, r),
+        buf = self.buf
+        at = 4 * b + self._plan_size(b)
+        return (buf[:b], buf[b:2 * b], buf[2 * b:3 * b], buf[3 * b:4 * b], buf[4 * b:at],
                 buf[at:at + b * self.width].view(b, self.width))
 
     def _fill(self, host: np.ndarray, b: int, ids: list[int], pos: list[int],
@@ -115,14 +128,12 @@ class DecodeGraphs:
         row gains a block every ``block_size`` steps, so most steps write none. The plan
         stays too: appended blocks are each row's own."""
         n, bs = len(ids), self.block_size
-        c, r = max(1, b // 2), self.rows
         host[:b] = 0
         host[:n] = ids
         p = host[b:2 * b]
         p[n:] = 0
         p[:n] = pos
-        at = 5 * b + c * (1 + r)
-        t = host[at:self._size(b)].reshape(b, self.width)
+        t = host[4 * b + self._plan_size(b):self._size(b)].reshape(b, self.width)
         lens = np.fromiter(map(len, tables), dtype=np.int64, count=n)
         last = self._staged
         if (epoch is not None and last is not None and last[0] == b and last[1] == epoch
@@ -136,15 +147,10 @@ class DecodeGraphs:
             fill_block_tables(t, tables, lens)
             plan = None
             if b in self.shared_graphs:
-                plan = plan_shared_prefix(t[:n], p[:n] // bs, bs, r, self.min_saved)
+                plan = plan_shared_prefix(t[:n], p[:n] // bs, bs, self.rows, self.min_saved,
+                                          self.lanes, self.min_fraction, self._programs(b))
             if plan is not None:
-                prefix, chunk_rows, chunk_lens = plan
-                host[4 * b:5 * b] = 0
-                host[4 * b:4 * b + n] = prefix
-                host[5 * b:5 * b + c] = 0
-                host[5 * b:5 * b + len(chunk_lens)] = chunk_lens
-                host[5 * b + c:at] = -1
-                host[5 * b + c:5 * b + c + chunk_rows.size] = chunk_rows.ravel()
+                flat_plan(plan, b, max(1, b // 2), host[4 * b:])
         self._staged = None if epoch is None else (b, epoch, tables, lens, plan)
         host[2 * b + n:3 * b] = -1
         host[2 * b:2 * b + n] = t[np.arange(n), p[:n] // bs] * bs + p[:n] % bs

@@ -63,6 +63,7 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs: decode-only steps replay a captured graph
         # rows per shared-prefix chunk (kernels/shared_prefix.py); 0: no plans
         self.shared_rows = 0
+        self.shared_lanes = 0  # SMs per KV head: how many programs a plan's splits fill
         self.shared_prefix_steps = 0  # eager steps that ran a shared-prefix plan
         triton_backend = False
         if device.type == "cuda":
@@ -73,6 +74,7 @@ class ModelRunner:
             from pdserve.workers.kernels.shared_prefix import rows_per_chunk
 
             self.shared_rows = rows_per_chunk(c.num_attention_heads // c.num_key_value_heads)
+            self.shared_lanes = max(1, self.backend.num_sms // c.num_key_value_heads)
         if cuda_graphs and triton_backend and max_model_len and max_num_seqs:
             from pdserve.workers.decode_graphs import DecodeGraphs
 
@@ -157,7 +159,11 @@ class ModelRunner:
             plan = self._plan(tables[num_prefills:], np.asarray(pos[t - nd:], dtype=np.int64) // bs)
         parts = [np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64), tables.ravel()]
         if plan is not None:
-            parts.extend(a.ravel() for a in plan)
+            from pdserve.workers.kernels.shared_prefix import SharedPrefix, flat_plan
+
+            chunks = len(plan[2])
+            parts.append(np.empty(SharedPrefix.size(nd, chunks, self.shared_rows), dtype=np.int64))
+            flat_plan(plan, nd, chunks, parts[-1])
         dev = self._stage(np.concatenate(parts))
         o = 3 * t
         at = o + nseq + ns + tables.size
@@ -171,22 +177,17 @@ class ModelRunner:
             seq_lens_tensor=dev[o:o + nseq],
         )
         if plan is not None:
-            from pdserve.workers.kernels.shared_prefix import SharedPrefix
-
             self.shared_prefix_steps += 1
-            prefix, chunk_rows, chunk_lens = plan
-            c = len(chunk_lens)
-            tails = np.asarray(seq_lens[num_prefills:], dtype=np.int64) - prefix
-            meta.shared_prefix = SharedPrefix(
-                dev[at:at + nd], dev[at + nd:at + nd + chunk_rows.size].view(c, -1),
-                dev[at + nd + chunk_rows.size:at + nd + chunk_rows.size + c],
-                num_chunks=c, max_shared=int(chunk_lens.max()), max_tail=int(tails.max()))
+            tails = np.asarray(seq_lens[num_prefills:], dtype=np.int64) - plan[0]
+            meta.shared_prefix = SharedPrefix.view(dev[at:], nd, chunks, self.shared_rows,
+                                                   chunks * plan[3], int(tails.max()))
         return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
 
     def _plan(self, tables: np.ndarray, last_block: np.ndarray):
         from pdserve.workers.kernels.shared_prefix import plan_shared_prefix
 
-        return plan_shared_prefix(tables, last_block, self.block_size, self.shared_rows)
+        return plan_shared_prefix(tables, last_block, self.block_size, self.shared_rows,
+                                  lanes=self.shared_lanes)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None,

@@ -16,15 +16,15 @@ from pdserve.workers.decode_graphs import DecodeGraphs  # noqa: E402
 
 def _graphs(block_size: int, width: int, b: int, rows: int) -> DecodeGraphs:
     g = object.__new__(DecodeGraphs)  # _fill needs no GPU: only its layout fields
-    g.block_size, g.width, g._staged, g.rows, g.min_saved = block_size, width, None, rows, 1
+    g.block_size, g.width, g._staged, g.rows, g.lanes = block_size, width, None, rows, 8
+    g.min_saved, g.min_fraction = 1, 0.0
     g.shared_graphs = {b: None} if rows > 1 else {}
     return g
 
 
 def _regions(g: DecodeGraphs, buf: np.ndarray, b: int, shared: bool) -> list[np.ndarray]:
     """The parts a replay reads: the plain inputs and tables; the plan only if it has one."""
-    c = b // 2
-    at = 5 * b + c * (1 + g.rows)
+    at = 4 * b + g._plan_size(b)
     return [buf[:4 * b], buf[at:g._size(b)]] + ([buf[4 * b:at]] if shared else [])
 
 
@@ -72,18 +72,26 @@ def test_incremental_fill_equals_a_full_fill_over_a_run_of_steps(rows):
 def test_shared_prefix_plan():
     """Rows group by their first block and share the prefix common to the whole group, never
     the block that takes a row's new token; a chunk holds 2..rows rows (a row left alone gets
-    no chunk); a plan that saves too little is none."""
+    no chunk); a plan that saves too few reads, or too small a part of them, is none."""
     from pdserve.workers.kernels.shared_prefix import plan_shared_prefix
 
     t = np.array([[5, 6, 7, 40, 0], [5, 6, 7, 41, 0], [5, 6, 8, 42, 0], [9, 10, 43, 0, 0],
                   [5, 6, 7, 44, 45], [11, 46, 0, 0, 0], [11, 47, 0, 0, 0]])
     last = np.array([3, 3, 3, 2, 4, 1, 0])  # row 6 writes into its block 0: nothing to share
-    prefix, rows, lens = plan_shared_prefix(t, last, 16, 3, min_saved=0)
+    prefix, rows, lens, splits = plan_shared_prefix(t, last, 16, 3, min_saved=0, min_fraction=0)
     assert prefix.tolist() == [32, 32, 32, 0, 0, 0, 0]
-    assert rows.tolist() == [[0, 1, 2]] and lens.tolist() == [32]
-    prefix, rows, lens = plan_shared_prefix(t, last, 16, 4, min_saved=0)
+    assert rows.tolist() == [[0, 1, 2]] and lens.tolist() == [32] and splits == 1
+    prefix, rows, lens, _ = plan_shared_prefix(t, last, 16, 4, min_saved=0, min_fraction=0)
     assert prefix.tolist() == [32, 32, 32, 0, 32, 0, 0]
     assert rows.tolist() == [[0, 1, 2, 4]] and lens.tolist() == [32]
-    assert plan_shared_prefix(t, last, 16, 3, min_saved=65) is None  # saves 2 x 32
-    assert plan_shared_prefix(t, last, 16, 3, min_saved=64) is not None
+    assert plan_shared_prefix(t, last, 16, 3, min_saved=65, min_fraction=0) is None  # saves 2 x 32
+    assert plan_shared_prefix(t, last, 16, 3, min_saved=64, min_fraction=0) is not None
+    # of (16 + 7) blocks' reads, 64 tokens saved: 17%
+    assert plan_shared_prefix(t, last, 16, 3, min_saved=0, min_fraction=0.18) is None
+    assert plan_shared_prefix(t, last, 16, 3, min_saved=0, min_fraction=0.17) is not None
     assert plan_shared_prefix(t[3:4], last[3:4], 16, 3, min_saved=0) is None
+    # splits: enough programs for the lanes, >= 256 shared tokens each, at most MAX_SPLITS
+    long = np.arange(64 * 3).reshape(3, 64) % 64
+    long[:, 63] = [100, 101, 102]
+    last = np.array([63, 63, 63])
+    assert [plan_shared_prefix(long, last, 16, 4, min_saved=0, lanes=k)[3] for k in (1, 2, 8)] == [1, 2, 3]

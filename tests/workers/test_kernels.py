@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,7 +126,9 @@ def test_shared_prefix_decode_matches_reference(dtype, group, head_dim):
     from pdserve.workers.attention import TorchAttention
     from pdserve.workers.kernels.paged_attention import decode_attention
     from pdserve.workers.kernels.shared_prefix import (
+        MAX_SPLITS,
         SharedPrefix,
+        flat_plan,
         plan_shared_prefix,
         rows_per_chunk,
     )
@@ -144,24 +147,27 @@ def test_shared_prefix_decode_matches_reference(dtype, group, head_dim):
         tables = shared_tables(groups, lens, bs, num_blocks, rng)
         rows = rows_per_chunk(group)
         plan = plan_shared_prefix(tables.cpu().numpy(), (torch.tensor(lens) - 1).numpy() // bs, bs,
-                                  rows, min_saved=0)
+                                  rows, min_saved=0, min_fraction=0)
         if plan is None:
             assert all(r == 1 for r, _ in groups)
             continue
-        prefix, chunk_rows, chunk_lens = (torch.from_numpy(a).to(DEVICE) for a in plan)
-        assert all(int(prefix[i]) in (0, k * bs) for i, k in
-                   enumerate(k for r, k in groups for _ in range(r)))
-        sp = SharedPrefix(prefix, chunk_rows, chunk_lens)
+        sharing = [k * bs for r, k in groups for _ in range(r)]
+        assert all(int(p) in (0, k) for p, k in zip(plan[0], sharing, strict=True))
         q = torch.randn(len(lens), hkv * group, head_dim, dtype=dtype, device=DEVICE)
         meta = decode_meta(lens, tables, bs)
         k_new = cache[0].view(-1, hkv, head_dim)[meta.slot_mapping]
         v_new = cache[1].view(-1, hkv, head_dim)[meta.slot_mapping]
         ref = TorchAttention().forward(q.float(), k_new.float(), v_new.float(), cache.float(),
                                        meta, head_dim ** -0.5)
-        for own, splits in ((1, 1), (2, 4), (4, 16))[:size(3, 2)]:
+        chunks = len(plan[2]) + rng.randint(0, 2)  # unused chunks: their programs do nothing
+        for own, splits in ((1, 1), (2, 5), (4, MAX_SPLITS))[:size(3, 2)]:
+            flat = np.empty(SharedPrefix.size(len(lens), chunks, rows), dtype=np.int64)
+            flat_plan((*plan[:3], splits), len(lens), chunks, flat)
+            sp = SharedPrefix.view(torch.from_numpy(flat).to(DEVICE), len(lens), chunks, rows,
+                                    chunks * splits + rng.randint(0, 3))
             out = torch.full_like(q, float("nan"))
             decode_attention(q, cache, tables, meta.seq_lens_tensor, head_dim ** -0.5, own,
-                             out=out, shared=sp, shared_splits=splits)
+                             out=out, shared=sp)
             assert not out.isnan().any(), (trial, own, splits)
             err = rel_err(out, ref)
             assert err < TOL[dtype], (trial, own, splits, groups, err)

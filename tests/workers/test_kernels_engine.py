@@ -119,7 +119,7 @@ def test_engine_shared_prefix_attention_equals_torch(tmp_path: Path, graphs):
 
     folder = tiny_model_folder(tmp_path)
     rng = random.Random(5)
-    system = [rng.randrange(3, 512) for _ in range(1300)]  # 7 rows x 1,296 shared: a plan
+    system = [rng.randrange(3, 512) for _ in range(1800)]  # a plan from 6 rows on
     prompts = ([system + [rng.randrange(3, 512) for _ in range(rng.randint(1, 40))] for _ in range(8)]
                + [[rng.randrange(3, 512) for _ in range(n)] for n in (30, 700)])
     ref = greedy(engine(folder, "cuda", False, attention_backend="torch", max_model_len=2048),

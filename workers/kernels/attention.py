@@ -35,8 +35,6 @@ class TritonAttention:
             sp = meta.shared_prefix
             max_len = sp.max_tail if sp is not None else max(meta.seq_lens[meta.num_prefills:])
             meta.decode_splits = num_splits_for(nd, num_kv_heads, max_len, self.num_sms)
-            if sp is not None and sp.splits is None:
-                sp.splits = num_splits_for(sp.num_chunks, num_kv_heads, sp.max_shared, self.num_sms)
             if meta.seq_lens_tensor is None:
                 meta.seq_lens_tensor = torch.tensor(meta.seq_lens, dtype=torch.int32,
                                                     device=q.device)
@@ -53,8 +51,6 @@ class TritonAttention:
             p = meta.num_prefills
             s = meta.query_start_loc[p]
             assert meta.seq_lens_tensor is not None
-            sp = meta.shared_prefix
             decode_attention(q[s:], kv_cache, meta.block_tables[p:], meta.seq_lens_tensor[p:],
-                             scale, meta.decode_splits, out=out[s:], shared=sp,
-                             shared_splits=sp.splits or 1 if sp is not None else 1)
+                             scale, meta.decode_splits, out=out[s:], shared=meta.shared_prefix)
         return out

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.workers.kernels.launch import fast
-from pdserve.workers.kernels.shared_prefix import SharedPrefix, shared_prefix_attention
+from pdserve.workers.kernels.shared_prefix import MAX_SPLITS, SharedPrefix, shared_prefix_attention
 
 LOG2E = 1.4426950408889634
 
@@ -127,7 +127,7 @@ def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, Mi
 
 @fast
 @triton.jit
-def _decode_merge_kernel(MidO, MidLse, PrefixLens, Out, stride_mb, stride_mh, stride_ms,
+def _decode_merge_kernel(MidO, MidLse, PrefixLens, SharedSplits, Out, stride_mb, stride_mh, stride_ms,
                          stride_lb, stride_lh, stride_ob, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          NUM_OWN: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -135,8 +135,9 @@ def _decode_merge_kernel(MidO, MidLse, PrefixLens, Out, stride_mb, stride_mh, st
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < NUM_SPLITS
-    if NUM_OWN < NUM_SPLITS:  # slots NUM_OWN.. hold a shared-prefix chunk's: only if in one
-        s_mask = s_mask & ((offs_s < NUM_OWN) | (tl.load(PrefixLens + b) > 0))
+    if NUM_OWN < NUM_SPLITS:  # then slots NUM_OWN.. hold the row's chunk's splits, if in one
+        shared = tl.where(tl.load(PrefixLens + b) > 0, tl.load(SharedSplits), 0)
+        s_mask = s_mask & (offs_s < NUM_OWN + shared)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
@@ -158,14 +159,14 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int) ->
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
-                     out: torch.Tensor | None = None, shared: SharedPrefix | None = None,
-                     shared_splits: int = 1) -> torch.Tensor:
+                     out: torch.Tensor | None = None,
+                     shared: SharedPrefix | None = None) -> torch.Tensor:
     """One query token per sequence over its paged KV.
 
     q: [B, H, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, M] int;
     seq_lens: [B] int (KV length, the new token included, already written). ``shared``: a
-    shared-prefix plan (shared_prefix.py), read in ``shared_splits`` splits per chunk; each
-    row's own ``num_splits`` then cover only its tail. Returns [B, H, D].
+    shared-prefix plan (shared_prefix.py); each row's own ``num_splits`` then cover only its
+    tail. Returns [B, H, D].
     """
     bsz, h, d = q.shape
     _, nb, block_size, hkv, _ = kv_cache.shape
@@ -179,7 +180,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
     block_n = 64 if block_d <= 64 else 32
     if q.dtype == torch.float32:
         block_n = 32
-    slots = num_splits + (shared_splits if shared is not None else 0)
+    slots = num_splits + (MAX_SPLITS if shared is not None else 0)
     if slots == 1:  # stage 1 writes the output: no partials, no merge launch
         mid_o, mid_lse = out, out
         mid_strides = (out.stride(0), out.stride(1), 0, 0, 0)
@@ -187,7 +188,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         mid_o = torch.empty((bsz, h, slots, d), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((bsz, h, slots), dtype=torch.float32, device=q.device)
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
-    prefix_lens = shared.prefix_lens if shared is not None else seq_lens
+    prefix_lens, shared_splits = (shared.prefix_lens, shared.splits) if shared is not None else (seq_lens, seq_lens)
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -196,11 +197,11 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     if shared is not None:
-        shared_prefix_attention(q, kv_cache, block_tables, shared, shared_splits, scale * LOG2E,
-                                mid_o, mid_lse, num_splits)
+        shared_prefix_attention(q, kv_cache, block_tables, shared, scale * LOG2E, mid_o, mid_lse,
+                                num_splits)
     if slots > 1:
         _decode_merge_kernel[(bsz, h)](
-            mid_o, mid_lse, prefix_lens, out, *mid_strides, out.stride(0), out.stride(1),
+            mid_o, mid_lse, prefix_lens, shared_splits, out, *mid_strides, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=slots, NUM_OWN=num_splits,
             BLOCK_S=max(2, triton.next_power_of_2(slots)), num_warps=4)
     return out

@@ -3,7 +3,7 @@ blocks (prefix-cache hits on one system prompt, forks of one prompt) read those 
 per group of rows instead of once per row.
 
 The plan, made on the host from the step's block tables, puts rows that share their leading
-blocks into chunks of at most ``ROWS`` rows. One program per (chunk, KV head, split) attends
+blocks into chunks of at most ``ROWS`` rows. One program per (chunk, split, KV head) attends
 every query head of every row of its chunk over the shared blocks at once; the query tile is
 ``ROWS x GROUP`` rows, so the shared K/V, read once, feeds a real matrix product::
 
@@ -14,7 +14,9 @@ every query head of every row of its chunk over the shared blocks at once; the q
 
 The partials go into the same buffers as the decode kernel's splits, in slots after its own,
 so one merge launch combines them. Everything the launch reads that changes per step is on
-the device: a CUDA graph captures it with empty chunks and replays it with any plan.
+the device: a CUDA graph captures it with empty chunks and replays it with any plan. The
+grid is one dimension of (chunk, split) pairs, so a graph's fixed grid (sized for its
+bucket) costs few idle programs whatever the plan's split count.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from pdserve.workers.kernels.launch import fast
 # A plan is used only when it saves at least this many K/V token reads per layer: below it,
 # the extra launch costs more than the re-reads (and L2 absorbs many of them).
 MIN_SAVED_TOKENS = 8192
+# ... and at least this part of all the rows' reads (below it, measured on an H100, the
+# partial outputs a chunk writes and merges cost about what it saves)
+MIN_SAVED_FRACTION = 0.5
 QUERY_TILE = 128  # query rows (rows x heads per KV head) of one shared-prefix program
+MAX_SPLITS = 16  # splits of a chunk's shared length, at most (merge slots)
 
 
 def rows_per_chunk(group: int) -> int:
@@ -46,22 +52,50 @@ class SharedPrefix:
 
     ``prefix_lens[i]``: tokens of row i that its chunk reads (0: the row is in no chunk);
     ``chunk_rows[c]``: the rows of chunk c, padded with -1; ``chunk_lens[c]``: its shared
-    tokens (0: an unused chunk, its programs return at once). ``splits``: programs per
-    (chunk, KV head) along the shared length; ``None`` lets the backend pick them from
-    ``num_chunks`` and ``max_shared``. ``max_tail``: the longest row tail, for the decode
-    kernel's own split count (host values; a CUDA graph fixes both splits instead)."""
+    tokens (0: an unused chunk, its programs return at once); ``splits[0]``: how many
+    programs per (chunk, KV head) share a chunk's length (at most ``MAX_SPLITS``).
+    ``programs``: the grid's (chunk, split) pairs, at least chunks x splits; ``max_tail``:
+    the longest row tail, for the decode kernel's own split count (host values; a CUDA
+    graph fixes both instead)."""
 
     prefix_lens: torch.Tensor
     chunk_rows: torch.Tensor
     chunk_lens: torch.Tensor
-    splits: int | None = None
-    num_chunks: int = 0
-    max_shared: int = 0
+    splits: torch.Tensor
+    programs: int
     max_tail: int = 0
+
+    @staticmethod
+    def size(rows: int, chunks: int, stride: int) -> int:
+        """Entries of a plan's flat int64 layout: [prefix rows | chunk_lens | splits | chunk_rows]."""
+        return rows + chunks + 1 + chunks * stride
+
+    @classmethod
+    def view(cls, flat: torch.Tensor, rows: int, chunks: int, stride: int, programs: int,
+             max_tail: int = 0) -> SharedPrefix:
+        """The plan over a flat buffer in :meth:`size`'s layout (``stride`` rows per chunk)."""
+        a, b = rows + chunks, rows + chunks + 1
+        return cls(flat[:rows], flat[b:b + chunks * stride].view(chunks, stride), flat[rows:a],
+                   flat[a:b], programs, max_tail)
+
+
+def flat_plan(plan: tuple, rows: int, chunks: int, out: np.ndarray) -> None:
+    """Write ``plan_shared_prefix``'s result into ``out`` in :meth:`SharedPrefix.size`'s layout
+    for ``rows`` rows and ``chunks`` chunks (the padding: no prefix, empty chunks)."""
+    prefix, chunk_rows, chunk_lens, splits = plan
+    stride = chunk_rows.shape[1]
+    out[:SharedPrefix.size(rows, chunks, stride)] = 0
+    out[:len(prefix)] = prefix
+    out[rows:rows + len(chunk_lens)] = chunk_lens
+    out[rows + chunks] = splits
+    at = rows + chunks + 1
+    out[at:at + chunks * stride] = -1
+    out[at:at + chunk_rows.size] = chunk_rows.ravel()
 
 
 def plan_shared_prefix(tables: np.ndarray, last_block: np.ndarray, block_size: int, rows: int,
-                       min_saved: int = MIN_SAVED_TOKENS):
+                       min_saved: int = MIN_SAVED_TOKENS, lanes: int = 64,
+                       min_fraction: float = MIN_SAVED_FRACTION, max_programs: int | None = None):
     """Group decode rows by shared leading blocks.
 
     tables: [n, W] block ids; last_block[i]: the index (in row i's table) of the block that
@@ -69,8 +103,14 @@ def plan_shared_prefix(tables: np.ndarray, last_block: np.ndarray, block_size: i
     (a write into a shared block copies it first). Rows are grouped by their first block and
     a group shares the longest prefix common to all its rows (two levels, as FlashInfer's
     cascade; rows sharing more among themselves than with their group read the rest in
-    their tails). Returns ``(prefix_lens [n], chunk_rows [C, rows], chunk_lens [C])`` as
-    int64 arrays, or None when no chunk saves ``min_saved`` token reads."""
+    their tails).
+
+    A plan must save ``min_saved`` token reads and ``min_fraction`` of all the rows' reads:
+    a chunk writes partial outputs for all its query rows per split, which pays only where
+    it replaces many reads. Splits: enough (chunk, split) programs to fill ``lanes`` (SMs per
+    KV head), each over >= 256 shared tokens, and no more programs than ``max_programs`` (a
+    graph's grid; it holds one per chunk at least). Returns ``(prefix_lens [n], chunk_rows [C,
+    rows], chunk_lens [C], splits)`` (int64 arrays and an int), or None."""
     n = len(tables)
     if n < 2 or rows < 2:
         return None
@@ -101,29 +141,34 @@ def plan_shared_prefix(tables: np.ndarray, last_block: np.ndarray, block_size: i
                 shared.append(k * block_size)
                 prefix[part] = k * block_size
                 saved += (len(part) - 1) * k * block_size
-    if saved < min_saved:
+    if not members or saved < max(min_saved, min_fraction * (int(last_block.sum()) + n) * block_size):
         return None
     chunk_rows = np.full((len(members), rows), -1, dtype=np.int64)
     for c, part in enumerate(members):
         chunk_rows[c, :len(part)] = part
-    return prefix, chunk_rows, np.asarray(shared, dtype=np.int64)
+    want = triton.next_power_of_2(-(-lanes // len(members)))
+    splits = max(1, min(want, max(shared) // 256, MAX_SPLITS,
+                        (max_programs or MAX_SPLITS * len(members)) // len(members)))
+    return prefix, chunk_rows, np.asarray(shared, dtype=np.int64), splits
 
 
 @fast
 @triton.jit
-def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, MidO, MidLse,
+def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, Splits, MidO, MidLse,
                           stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                          sm_scale_log2, first_slot,
+                          sm_scale_log2, first_slot, num_chunks,
                           BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                           ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
-    c = tl.program_id(0)
+                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    shared = tl.load(ChunkLens + c)
+    splits = tl.load(Splits)
+    c = pid // splits
+    split = pid % splits
+    shared = tl.load(ChunkLens + c, mask=c < num_chunks, other=0)  # past the plan: idle
     if shared > 0:
-        per_split = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(shared, splits), BLOCK_N) * BLOCK_N
         start = split * per_split
         end = tl.minimum(start + per_split, shared)
 
@@ -178,8 +223,8 @@ def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, 
 
 
 def shared_prefix_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                            plan: SharedPrefix, splits: int, scale_log2: float,
-                            mid_o: torch.Tensor, mid_lse: torch.Tensor, first_slot: int) -> None:
+                            plan: SharedPrefix, scale_log2: float, mid_o: torch.Tensor,
+                            mid_lse: torch.Tensor, first_slot: int) -> None:
     """Each chunk's rows over its shared blocks, into slots ``first_slot ..`` of the
     decode kernel's partial buffers (mid_o [B, H, slots, D], mid_lse [B, H, slots])."""
     _, h, d = q.shape
@@ -189,12 +234,13 @@ def shared_prefix_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     rows = plan.chunk_rows.shape[1]
     block_d = triton.next_power_of_2(max(d, 16))
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _shared_prefix_kernel[(plan.chunk_rows.shape[0], hkv, splits)](
-        q, k_cache, v_cache, block_tables, plan.chunk_rows, plan.chunk_lens, mid_o, mid_lse,
+    _shared_prefix_kernel[(plan.programs, hkv)](
+        q, k_cache, v_cache, block_tables, plan.chunk_rows, plan.chunk_lens, plan.splits, mid_o,
+        mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale_log2, first_slot,
+        scale_log2, first_slot, plan.chunk_rows.shape[0],
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=block_h, ROWS=rows, HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_N=64 if block_d <= 64 else 32, NUM_SPLITS=splits,
+        BLOCK_D=block_d, BLOCK_N=64 if block_d <= 64 else 32,
         IEEE=q.dtype == torch.float32, num_warps=8 if rows * block_h * block_d > 8192 else 4,
         num_stages=2)
