@@ -73,7 +73,7 @@ class ModelRunner:
         if triton_backend and shared_prefix_attention:
             from pdserve.workers.kernels.shared_prefix import rows_per_chunk
 
-            self.shared_rows = rows_per_chunk(c.num_attention_heads // c.num_key_value_heads)
+            self.shared_rows = rows_per_chunk(c.num_attention_heads // c.num_key_value_heads, c.head_dim)
             self.shared_lanes = max(1, self.backend.num_sms // c.num_key_value_heads)
         if cuda_graphs and triton_backend and max_model_len and max_num_seqs:
             from pdserve.workers.decode_graphs import DecodeGraphs

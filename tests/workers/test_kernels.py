@@ -145,7 +145,7 @@ def test_shared_prefix_decode_matches_reference(dtype, group, head_dim):
         num_blocks = sum(k for _, k in groups) + sum(-(-n // bs) for n in lens) + 4
         cache = make_cache(num_blocks, bs, hkv, head_dim, dtype)
         tables = shared_tables(groups, lens, bs, num_blocks, rng)
-        rows = rows_per_chunk(group)
+        rows = rows_per_chunk(group, head_dim)
         plan = plan_shared_prefix(tables.cpu().numpy(), (torch.tensor(lens) - 1).numpy() // bs, bs,
                                   rows, min_saved=0, min_fraction=0)
         if plan is None:

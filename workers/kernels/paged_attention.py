@@ -1,17 +1,19 @@
 """Triton kernels over the paged KV cache: the KV write and split-KV decode attention.
 
 Decode attention runs in two launches (flash-decoding). Stage 1 has one program per
-(sequence, KV head, split): it loads the sequence's block-table entries for its share of
+(sequence, split, KV head): it loads the sequence's block-table entries for its share of
 the KV length, and attends all query heads of that KV head's group at once, so each K/V
 row is read once per group (GQA), not once per query head::
 
-    grid (B, Hkv, S)      K/V tiles of BLOCK_N tokens, addressed through the block table
+    grid (B*S, Hkv)       K/V tiles of BLOCK_N tokens, addressed through the block table
       q [GROUP, D]   x    K^T [D, BLOCK_N]  -> online softmax -> partial O [GROUP, D], LSE
     grid (B, H)           merge the S partials by their log-sum-exp (S > 1 only: with one
                           split, stage 1 writes the normalized output directly)
 
-With a shared-prefix plan (shared_prefix.py), stage 1 covers only each row's tail after
-the prefix its chunk reads, and the chunk's partials join the merge as extra splits.
+With a shared-prefix plan (shared_prefix.py), stage 1 starts with the plan's chunk
+programs, which read each chunk's shared blocks once for all its rows; the per-row
+programs then cover only each row's tail, and the chunks' partials join the merge as
+extra splits.
 
 A split's range depends only on the sequence's own length and the split count, both read
 on the device, so the launch needs no host value that changes per step (graph-capturable).
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from pdserve.workers.kernels.launch import fast
-from pdserve.workers.kernels.shared_prefix import MAX_SPLITS, SharedPrefix, shared_prefix_attention
+from pdserve.workers.kernels.shared_prefix import MAX_SPLITS, SharedPrefix, attend, chunk_program
 
 LOG2E = 1.4426950408889634
 
@@ -60,16 +62,47 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 @fast
 @triton.jit
-def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, MidO, MidLse,
+def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, ChunkRows, ChunkLens,
+                         Splits, MidO, MidLse,
                          stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                         sm_scale_log2,
+                         sm_scale_log2, num_chunks, chunk_programs,
                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK_HC: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, HAS_PREFIX: tl.constexpr, IEEE: tl.constexpr):
-    b = tl.program_id(0)
+    pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    if HAS_PREFIX:  # the first chunk_programs programs read shared prefixes (shared_prefix.py)
+        if pid < chunk_programs:
+            chunk_program(pid, kvh, Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, Splits,
+                          MidO, MidLse, stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
+                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, sm_scale_log2,
+                          NUM_SPLITS, num_chunks, BLOCK_SIZE, GROUP, BLOCK_HC, ROWS, HEAD_DIM,
+                          BLOCK_D, BLOCK_N, IEEE)
+        else:
+            _row_program(pid - chunk_programs, kvh, Q, KCache, VCache, BlockTables, SeqLens,
+                         PrefixLens, MidO, MidLse, stride_qb, stride_qh, stride_cs, stride_ch,
+                         stride_bt, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                         sm_scale_log2, BLOCK_SIZE, GROUP, BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N,
+                         NUM_SPLITS, True, IEEE)
+    else:
+        _row_program(pid, kvh, Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, MidO, MidLse,
+                     stride_qb, stride_qh, stride_cs, stride_ch, stride_bt, stride_mb, stride_mh,
+                     stride_ms, stride_lb, stride_lh, sm_scale_log2, BLOCK_SIZE, GROUP, BLOCK_H,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, False, IEEE)
+
+
+@triton.jit
+def _row_program(rid, kvh, Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, MidO, MidLse,
+                 stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
+                 stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, sm_scale_log2,
+                 BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr, HAS_PREFIX: tl.constexpr, IEEE: tl.constexpr):
+    """One (sequence, split) program: every query head of one KV head's group at once."""
+    b = rid // NUM_SPLITS
+    split = rid % NUM_SPLITS
     seq_len = tl.load(SeqLens + b)
     first = 0
     if HAS_PREFIX:  # a shared-prefix chunk reads [0, prefix): this row reads its tail only
@@ -85,36 +118,9 @@ def _decode_split_kernel(Q, KCache, VCache, BlockTables, SeqLens, PrefixLens, Mi
     d_mask = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    table = BlockTables + b * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        p_mask = pos < end
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
-        slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-        kv_mask = p_mask[:, None] & d_mask[None, :]
-        k = tl.load(KCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(p_mask[None, :], s * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
+    acc, m_i, l_i = attend(q, KCache, VCache, BlockTables + b * stride_bt, start, end,
+                           kvh * stride_ch, stride_cs, sm_scale_log2, BLOCK_H, BLOCK_SIZE,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, IEEE)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     # One split: MidO is the output itself (the merge would scale by exactly 1.0)
@@ -188,17 +194,22 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         mid_o = torch.empty((bsz, h, slots, d), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((bsz, h, slots), dtype=torch.float32, device=q.device)
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1))
-    prefix_lens, shared_splits = (shared.prefix_lens, shared.splits) if shared is not None else (seq_lens, seq_lens)
-    _decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, mid_o, mid_lse,
+    if shared is not None:
+        prefix_lens, chunk_rows, chunk_lens, shared_splits = (
+            shared.prefix_lens, shared.chunk_rows, shared.chunk_lens, shared.splits)
+        programs, rows = shared.programs, shared.chunk_rows.shape[1]
+    else:  # unread
+        prefix_lens = chunk_rows = chunk_lens = shared_splits = seq_lens
+        programs, rows = 0, 1
+    _decode_split_kernel[(programs + bsz * num_splits, hkv)](
+        q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, chunk_rows, chunk_lens,
+        shared_splits, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        *mid_strides, scale * LOG2E,
+        *mid_strides, scale * LOG2E, chunk_rows.shape[0], programs,
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        ROWS=rows, BLOCK_HC=triton.next_power_of_2(group),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    if shared is not None:
-        shared_prefix_attention(q, kv_cache, block_tables, shared, scale * LOG2E, mid_o, mid_lse,
-                                num_splits)
     if slots > 1:
         _decode_merge_kernel[(bsz, h)](
             mid_o, mid_lse, prefix_lens, shared_splits, out, *mid_strides, out.stride(0), out.stride(1),

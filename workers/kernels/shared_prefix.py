@@ -15,8 +15,10 @@ every query head of every row of its chunk over the shared blocks at once; the q
 The partials go into the same buffers as the decode kernel's splits, in slots after its own,
 so one merge launch combines them. Everything the launch reads that changes per step is on
 the device: a CUDA graph captures it with empty chunks and replays it with any plan. The
-grid is one dimension of (chunk, split) pairs, so a graph's fixed grid (sized for its
-bucket) costs few idle programs whatever the plan's split count.
+chunk programs run in the decode kernel's own launch, ahead of its per-row programs, so
+the long shared reads and the short tails overlap on the GPU; they are numbered by
+(chunk, split) pairs, so a graph's fixed grid (sized for its bucket) idles few programs
+whatever the plan's split count.
 """
 
 from __future__ import annotations
@@ -28,22 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.workers.kernels.launch import fast
-
 # A plan is used only when it saves at least this many K/V token reads per layer: below it,
 # the extra launch costs more than the re-reads (and L2 absorbs many of them).
 MIN_SAVED_TOKENS = 8192
 # ... and at least this part of all the rows' reads (below it, measured on an H100, the
 # partial outputs a chunk writes and merges cost about what it saves)
 MIN_SAVED_FRACTION = 0.5
-QUERY_TILE = 128  # query rows (rows x heads per KV head) of one shared-prefix program
+QUERY_TILE = 8192  # elements (rows x heads per KV head x head dim) of a program's query tile
 MAX_SPLITS = 16  # splits of a chunk's shared length, at most (merge slots)
 
 
-def rows_per_chunk(group: int) -> int:
+def rows_per_chunk(group: int, head_dim: int) -> int:
     """How many sequences share one program: a ``QUERY_TILE`` query tile at most (1: the
     query group alone fills it, no plan)."""
-    return max(1, min(32, QUERY_TILE // triton.next_power_of_2(group)))
+    per_row = triton.next_power_of_2(group) * triton.next_power_of_2(max(head_dim, 16))
+    return max(1, min(32, QUERY_TILE // per_row))
 
 
 @dataclass(slots=True)
@@ -152,17 +153,16 @@ def plan_shared_prefix(tables: np.ndarray, last_block: np.ndarray, block_size: i
     return prefix, chunk_rows, np.asarray(shared, dtype=np.int64), splits
 
 
-@fast
 @triton.jit
-def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, Splits, MidO, MidLse,
-                          stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
-                          stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                          sm_scale_log2, first_slot, num_chunks,
-                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                          ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    kvh = tl.program_id(1)
+def chunk_program(pid, kvh, Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, Splits, MidO,
+                  MidLse, stride_qb, stride_qh, stride_cs, stride_ch, stride_bt,
+                  stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                  sm_scale_log2, first_slot, num_chunks,
+                  BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One (chunk, split) program of the decode kernel (paged_attention.py): its rows' query
+    heads for one KV head over the split's share of the chunk's shared tokens."""
     splits = tl.load(Splits)
     c = pid // splits
     split = pid % splits
@@ -182,37 +182,11 @@ def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, 
         d_mask = offs_d < HEAD_DIM
         q = tl.load(Q + row[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-
-        m_i = tl.full([ROWS * BLOCK_H], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS * BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([ROWS * BLOCK_H, BLOCK_D], dtype=tl.float32)
         # the shared blocks are the same in every row's table: read the chunk's first row's
         table = BlockTables + tl.load(ChunkRows + c * ROWS).to(tl.int64) * stride_bt
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            p_mask = pos < end
-            blk = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
-            slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
-            kv_off = slot[:, None] * stride_cs + kvh * stride_ch + offs_d[None, :]
-            kv_mask = p_mask[:, None] & d_mask[None, :]
-            k = tl.load(KCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(p_mask[None, :], s * sm_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(VCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
+        acc, m_i, l_i = attend(q, KCache, VCache, table, start, end, kvh * stride_ch, stride_cs,
+                               sm_scale_log2, ROWS * BLOCK_H, BLOCK_SIZE, HEAD_DIM, BLOCK_D,
+                               BLOCK_N, IEEE)
         has = l_i > 0.0  # an empty split: LSE -inf, the merge skips it
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         at = first_slot + split
@@ -222,25 +196,39 @@ def _shared_prefix_kernel(Q, KCache, VCache, BlockTables, ChunkRows, ChunkLens, 
         tl.store(MidLse + row * stride_lb + heads * stride_lh + at, lse, mask=m_mask)
 
 
-def shared_prefix_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                            plan: SharedPrefix, scale_log2: float, mid_o: torch.Tensor,
-                            mid_lse: torch.Tensor, first_slot: int) -> None:
-    """Each chunk's rows over its shared blocks, into slots ``first_slot ..`` of the
-    decode kernel's partial buffers (mid_o [B, H, slots, D], mid_lse [B, H, slots])."""
-    _, h, d = q.shape
-    _, _, block_size, hkv, _ = kv_cache.shape
-    group = h // hkv
-    block_h = triton.next_power_of_2(group)
-    rows = plan.chunk_rows.shape[1]
-    block_d = triton.next_power_of_2(max(d, 16))
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    _shared_prefix_kernel[(plan.programs, hkv)](
-        q, k_cache, v_cache, block_tables, plan.chunk_rows, plan.chunk_lens, plan.splits, mid_o,
-        mid_lse,
-        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale_log2, first_slot, plan.chunk_rows.shape[0],
-        BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=block_h, ROWS=rows, HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_N=64 if block_d <= 64 else 32,
-        IEEE=q.dtype == torch.float32, num_warps=8 if rows * block_h * block_d > 8192 else 4,
-        num_stages=2)
+@triton.jit
+def attend(q, KCache, VCache, table, start, end, head_off, stride_cs, sm_scale_log2,
+           M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of the query tile q [M, BLOCK_D] over tokens [start, end) of one
+    block table and KV head: the unnormalized output, the running max and sum (log2)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_mask = pos < end
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=p_mask, other=0).to(tl.int64)
+        slot = blk * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slot[:, None] * stride_cs + head_off + offs_d[None, :]
+        kv_mask = p_mask[:, None] & d_mask[None, :]
+        k = tl.load(KCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(p_mask[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VCache + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
