@@ -29,13 +29,7 @@ import torch
 from pdserve.workers.attention import AttentionMetadata
 from pdserve.workers.kernels.attention import TritonAttention
 from pdserve.workers.kernels.paged_attention import num_splits_for
-from pdserve.workers.kernels.shared_prefix import (
-    MIN_SAVED_FRACTION,
-    MIN_SAVED_TOKENS,
-    SharedPrefix,
-    flat_plan,
-    plan_shared_prefix,
-)
+from pdserve.workers.kernels.shared_prefix import SharedPrefix, SharedPrefixPlanner, flat_plan
 from pdserve.workers.model_runner import fill_block_tables
 from pdserve.workers.models.decoder import CausalLM
 from pdserve.workers.overlap import resolve_placeholders
@@ -50,13 +44,12 @@ def buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], backend: TritonAttention,
                  block_size: int, max_model_len: int, max_batch: int, device: torch.device,
-                 shared_rows: int = 0) -> None:
+                 planner: SharedPrefixPlanner | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.width = -(-max_model_len // block_size)
-        self.rows = max(shared_rows, 1)  # R: rows per shared-prefix chunk
-        self.min_saved, self.min_fraction = MIN_SAVED_TOKENS, MIN_SAVED_FRACTION
-        self.lanes = max(1, backend.num_sms // model.config.num_key_value_heads)
+        self.planner = planner
+        self.rows = planner.rows if planner is not None else 1  # R: rows per shared-prefix chunk
         self.sizes = sorted(set(buckets(max_batch)))
         self.max_batch = self.sizes[-1]
         self.buf = torch.zeros(self._size(self.max_batch), dtype=torch.int64, device=device)
@@ -79,8 +72,8 @@ class DecodeGraphs:
                 self._fill(host, b, [], [], [])
                 self.buf[:self._size(b)].copy_(torch.from_numpy(host))
                 plans = [None]
-                if shared_rows >= 2 and b >= 4:  # chunks are empty at capture: the replay fills them
-                    plans.append(SharedPrefix.view(plan_buf, b, max(1, b // 2), self.rows,
+                if planner is not None and b >= 4:  # chunks are empty at capture: the replay fills them
+                    plans.append(SharedPrefix.view(plan_buf, b, self._chunks(b), self.rows,
                                                    self._programs(b)))
                 for plan in plans:
                     meta = AttentionMetadata(
@@ -99,13 +92,18 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s (shared-prefix: %s)",
                     self.sizes, sorted(self.shared_graphs))
 
+    @staticmethod
+    def _chunks(b: int) -> int:  # chunks have >= 2 rows: at most b // 2 of them
+        return max(1, b // 2)
+
     def _programs(self, b: int) -> int:
         """The shared-prefix grid of bucket b: one program per chunk at least, and room for
-        the splits that fill the GPU (plan_shared_prefix picks them within it)."""
-        return max(b // 2, 2 * self.lanes)
+        the splits that fill the GPU (the planner picks them within it)."""
+        assert self.planner is not None
+        return max(self._chunks(b), 2 * self.planner.lanes)
 
-    def _plan_size(self, b: int) -> int:  # chunks have >= 2 rows: at most b // 2 of them
-        return SharedPrefix.size(b, max(1, b // 2), self.rows)
+    def _plan_size(self, b: int) -> int:
+        return SharedPrefix.size(b, self._chunks(b), self.rows)
 
     def _size(self, b: int) -> int:
         return b * (4 + self.width) + self._plan_size(b)
@@ -147,10 +145,10 @@ class DecodeGraphs:
             fill_block_tables(t, tables, lens)
             plan = None
             if b in self.shared_graphs:
-                plan = plan_shared_prefix(t[:n], p[:n] // bs, bs, self.rows, self.min_saved,
-                                          self.lanes, self.min_fraction, self._programs(b))
+                assert self.planner is not None
+                plan = self.planner.plan(t[:n], p[:n] // bs, bs, self._programs(b))
             if plan is not None:
-                flat_plan(plan, b, max(1, b // 2), host[4 * b:])
+                flat_plan(plan, b, self._chunks(b), host[4 * b:])
         self._staged = None if epoch is None else (b, epoch, tables, lens, plan)
         host[2 * b + n:3 * b] = -1
         host[2 * b:2 * b + n] = t[np.arange(n), p[:n] // bs] * bs + p[:n] % bs

@@ -61,9 +61,7 @@ class ModelRunner:
         self._pinned: torch.Tensor | None = None  # staging buffer for the per-step inputs
         self._copied: torch.cuda.Event | None = None
         self.graphs = None  # DecodeGraphs: decode-only steps replay a captured graph
-        # rows per shared-prefix chunk (kernels/shared_prefix.py); 0: no plans
-        self.shared_rows = 0
-        self.shared_lanes = 0  # SMs per KV head: how many programs a plan's splits fill
+        self.planner = None  # SharedPrefixPlanner (kernels/shared_prefix.py); None: no plans
         self.shared_prefix_steps = 0  # eager steps that ran a shared-prefix plan
         triton_backend = False
         if device.type == "cuda":
@@ -71,16 +69,16 @@ class ModelRunner:
 
             triton_backend = isinstance(self.backend, TritonAttention)
         if triton_backend and shared_prefix_attention:
-            from pdserve.workers.kernels.shared_prefix import rows_per_chunk
+            from pdserve.workers.kernels.shared_prefix import SharedPrefixPlanner
 
-            self.shared_rows = rows_per_chunk(c.num_attention_heads // c.num_key_value_heads, c.head_dim)
-            self.shared_lanes = max(1, self.backend.num_sms // c.num_key_value_heads)
+            self.planner = SharedPrefixPlanner.for_model(c.num_attention_heads, c.num_key_value_heads,
+                                                         c.head_dim, self.backend.num_sms)
         if cuda_graphs and triton_backend and max_model_len and max_num_seqs:
             from pdserve.workers.decode_graphs import DecodeGraphs
 
             try:
                 self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, block_size,
-                                           max_model_len, max_num_seqs, device, self.shared_rows)
+                                           max_model_len, max_num_seqs, device, self.planner)
             except RuntimeError as e:  # a layer that syncs or reads host values: no graphs
                 logger.warning("decode CUDA graphs disabled, capture failed: %s", e)
 
@@ -155,14 +153,15 @@ class ModelRunner:
         t, ns = len(ids), len(sample_rows)
         nd = nseq - num_prefills
         plan = None
-        if self.shared_rows and nd >= 2:  # the decode rows' positions are pos' last nd
-            plan = self._plan(tables[num_prefills:], np.asarray(pos[t - nd:], dtype=np.int64) // bs)
+        if self.planner is not None and nd >= 2:  # the decode rows' positions are pos' last nd
+            plan = self.planner.plan(tables[num_prefills:], np.asarray(pos[t - nd:], dtype=np.int64) // bs,
+                                     bs)
         parts = [np.asarray(ids + pos + slots + seq_lens + sample_rows, dtype=np.int64), tables.ravel()]
         if plan is not None:
             from pdserve.workers.kernels.shared_prefix import SharedPrefix, flat_plan
 
             chunks = len(plan[2])
-            parts.append(np.empty(SharedPrefix.size(nd, chunks, self.shared_rows), dtype=np.int64))
+            parts.append(np.empty(SharedPrefix.size(nd, chunks, self.planner.rows), dtype=np.int64))
             flat_plan(plan, nd, chunks, parts[-1])
         dev = self._stage(np.concatenate(parts))
         o = 3 * t
@@ -179,15 +178,9 @@ class ModelRunner:
         if plan is not None:
             self.shared_prefix_steps += 1
             tails = np.asarray(seq_lens[num_prefills:], dtype=np.int64) - plan[0]
-            meta.shared_prefix = SharedPrefix.view(dev[at:], nd, chunks, self.shared_rows,
+            meta.shared_prefix = SharedPrefix.view(dev[at:], nd, chunks, self.planner.rows,
                                                    chunks * plan[3], int(tails.max()))
         return dev[:t], dev[t:2 * t], meta, dev[o + nseq:o + nseq + ns]
-
-    def _plan(self, tables: np.ndarray, last_block: np.ndarray):
-        from pdserve.workers.kernels.shared_prefix import plan_shared_prefix
-
-        return plan_shared_prefix(tables, last_block, self.block_size, self.shared_rows,
-                                  lanes=self.shared_lanes)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, pending: torch.Tensor | None = None,

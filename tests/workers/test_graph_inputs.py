@@ -12,12 +12,13 @@ import pytest
 pytest.importorskip("triton")
 
 from pdserve.workers.decode_graphs import DecodeGraphs  # noqa: E402
+from pdserve.workers.kernels.shared_prefix import SharedPrefixPlanner  # noqa: E402
 
 
 def _graphs(block_size: int, width: int, b: int, rows: int) -> DecodeGraphs:
     g = object.__new__(DecodeGraphs)  # _fill needs no GPU: only its layout fields
-    g.block_size, g.width, g._staged, g.rows, g.lanes = block_size, width, None, rows, 8
-    g.min_saved, g.min_fraction = 1, 0.0
+    g.block_size, g.width, g._staged, g.rows = block_size, width, None, rows
+    g.planner = SharedPrefixPlanner(rows, 8, min_saved=1, min_fraction=0.0) if rows > 1 else None
     g.shared_graphs = {b: None} if rows > 1 else {}
     return g
 

@@ -80,6 +80,29 @@ class SharedPrefix:
                    flat[a:b], programs, max_tail)
 
 
+@dataclass(frozen=True)
+class SharedPrefixPlanner:
+    """One engine's planning parameters: rows per chunk (from its model's query group and
+    head size), SMs per KV head (``lanes``) and the thresholds of :func:`plan_shared_prefix`."""
+
+    rows: int
+    lanes: int
+    min_saved: int = MIN_SAVED_TOKENS
+    min_fraction: float = MIN_SAVED_FRACTION
+
+    @classmethod
+    def for_model(cls, num_heads: int, num_kv_heads: int, head_dim: int,
+                  num_sms: int) -> SharedPrefixPlanner | None:
+        """None where a query group alone fills a program's tile: nothing to share."""
+        rows = rows_per_chunk(num_heads // num_kv_heads, head_dim)
+        return cls(rows, max(1, num_sms // num_kv_heads)) if rows >= 2 else None
+
+    def plan(self, tables: np.ndarray, last_block: np.ndarray, block_size: int,
+             max_programs: int | None = None):
+        return plan_shared_prefix(tables, last_block, block_size, self.rows, self.min_saved,
+                                  self.lanes, self.min_fraction, max_programs)
+
+
 def flat_plan(plan: tuple, rows: int, chunks: int, out: np.ndarray) -> None:
     """Write ``plan_shared_prefix``'s result into ``out`` in :meth:`SharedPrefix.size`'s layout
     for ``rows`` rows and ``chunks`` chunks (the padding: no prefix, empty chunks)."""
