@@ -22,6 +22,7 @@ from pdserve.workers.block_pool import Block, BlockPool
 from pdserve.workers.errors import OutOfBlocksError
 from pdserve.workers.eviction import check_cache_options
 from pdserve.workers.kv_events import BlockHash, KVEventBatch, int64s, pack_tokens
+from pdserve.workers.probe_memo import ProbeMemo
 from pdserve.workers.sequence import Sequence, SequenceStatus
 
 SESSION_OWNER = "session:"
@@ -105,6 +106,7 @@ class BlockManager:
         # other changes append, or replace the list): lets the decode graphs' input
         # staging copy only the entries appended since the last step (decode_graphs.py).
         self.table_rewrites = 0
+        self.memo = ProbeMemo(block_size)  # recent probes' hits: a shared prefix is hashed once
 
     # -- queries ------------------------------------------------------------
     @property
@@ -134,21 +136,28 @@ class BlockManager:
             return [], None
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        hits: list[Block] = []
+        if max_blocks <= 0:
+            return [], None
         ids = seq.token_ids
+        key = (seq.cache_salt, tuple(ids[:bs]))
+        hits, used = self.memo.recall(key, ids, max_blocks)  # leading blocks hashed before
+        reused = len(hits)
+        hits = list(hits)
         lookup = self.pool.lookup
         pack = int64s(bs).pack
-        p = _root(seq.cache_salt)
-        for i in range(max_blocks):  # block by block (most prompts miss early), no block_keys lists
+        p = hits[-1].block_hash if hits else _root(seq.cache_salt)
+        ahead = None
+        for i in range(reused, max_blocks):  # block by block (most prompts miss early)
             toks = pack(*ids[i * bs:(i + 1) * bs])
             p = _link(p, toks)
             b = lookup(p, toks)
             if b is None:
                 if i + 1 < max_blocks:
-                    return hits, _link(p, pack(*ids[(i + 1) * bs:(i + 2) * bs]))
+                    ahead = _link(p, pack(*ids[(i + 1) * bs:(i + 2) * bs]))
                 break
             hits.append(b)
-        return hits, None
+        self.memo.remember(key, ids, hits, used, reused)
+        return hits, ahead
 
     # -- allocation -------------------------------------------------------
     def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -170,7 +179,7 @@ class BlockManager:
         need = (self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
                 + self._needs_copy(seq, num_new_tokens))
         while True:
-            reclaimed = sum(1 for b in hits if b.ref_count == 0)
+            reclaimed = [b.ref_count for b in hits].count(0) if hits else 0
             if need + reclaimed <= self.pool.num_free:
                 return True
             if not self._sessions:

@@ -203,8 +203,11 @@ class BlockPool:
     def hit(self, blocks: list[Block]) -> None:
         """Take one more reference on each block for a prefix hit (what policies count)."""
         now = self.clock()
-        for b in blocks:
-            self.touch(b)
+        take = self._take
+        for b in blocks:  # touch(), inlined: a hit on a shared prompt takes ~100 blocks
+            if b.ref_count == 0:
+                take(b)
+            b.ref_count += 1
             b.hits += 1
             b.last_access = now
 

@@ -37,6 +37,22 @@ def admit(bm: BlockManager, seq: Sequence, n: int | None = None) -> int:
     return computed
 
 
+def probe_without_memo(bm: BlockManager, seq: Sequence):
+    """A prefix probe that hashes every block (what probe_prefix did before its memo)."""
+    max_blocks = (seq.num_tokens - 1) // BS
+    hashes, chunks = bm_mod.block_keys(seq.token_ids, BS, seq.cache_salt, stop=max_blocks)
+    hits = []
+    for h, c in zip(hashes, chunks, strict=True):
+        b = bm.pool.lookup(h, c)
+        if b is None:
+            nxt = len(hits) + 1
+            ahead = (bm_mod.block_keys(seq.token_ids, BS, seq.cache_salt, parent=h, start=nxt,
+                                       stop=nxt + 1)[0][0] if nxt < max_blocks else None)
+            return hits, ahead
+        hits.append(b)
+    return hits, None
+
+
 def test_hash_chain_matches_hash_prompt_blocks_and_depends_on_salt():
     ids = list(range(11))
     hashes = hash_prompt_blocks(ids, BS)
@@ -245,7 +261,11 @@ def test_randomized_operations_keep_integrity_content_and_event_mirror():
                 s.token_ids.append(rng.randrange(50))
             if s.num_tokens > 12 * BS:
                 continue
-            hits = bm.match_prefix(s) if not s.block_table else []
+            hits, ahead = bm.probe_prefix(s) if not s.block_table else ([], None)
+            if not s.block_table:  # the probe memo returns what hashing every block does
+                ref_hits, ref_ahead = probe_without_memo(bm, s)
+                assert [b.block_id for b in hits] == [b.block_id for b in ref_hits]
+                assert ahead == ref_ahead
             start = s.num_computed_tokens + len(hits) * BS
             n = rng.randint(1, s.num_tokens - start)
             if bm.can_allocate(s, n, hits):
@@ -317,3 +337,70 @@ def test_randomized_operations_keep_integrity_content_and_event_mirror():
     assert bm.num_free_blocks == num_blocks and bm.owners() == []
     # The run exercised every path it claims to test.
     assert all(v > 10 for v in stats.values()), stats
+    assert bm.memo.blocks_reused > 10  # prompts on a shared stem took blocks from the probe memo
+
+
+def test_probe_memo_hashes_a_shared_prefix_once_and_answers_like_a_full_probe():
+    bm = BlockManager(num_blocks=64, block_size=BS)
+    system = list(range(100, 124))  # 6 blocks
+    admit(bm, make_seq("first", system + [1, 2, 3, 4, 5]))
+    for i in range(5):
+        seq = make_seq(f"q{i}", system + [50 + i] * (5 + i))
+        before = bm.memo.blocks_reused
+        hits, ahead = bm.probe_prefix(seq)
+        assert [b.block_id for b in hits] == [b.block_id for b in probe_without_memo(bm, seq)[0]]
+        assert ahead == probe_without_memo(bm, seq)[1]
+        assert len(hits) == 6
+        assert bm.memo.blocks_reused - before == (0 if i == 0 else 6)  # the first probe fills it
+    # another salt never shares a memo (nor blocks)
+    assert bm.probe_prefix(make_seq("other", system + [9] * 5, salt="t"))[0] == []
+    # a prompt that begins alike and then differs takes the common blocks, hashes the rest
+    variant = system[:8] + [7] * 20
+    admit(bm, make_seq("variant", variant))
+    hits, _ = bm.probe_prefix(make_seq("v2", variant + [1]))
+    assert [b.block_id for b in hits] == [b.block_id for b in probe_without_memo(bm, make_seq("v", variant + [1]))[0]]
+    assert len(hits) == 7
+    assert len(bm.memo) == 2  # both variants kept under the same first block
+    bm.check_integrity()
+
+
+def test_probe_memo_never_returns_an_evicted_or_recached_block():
+    bm = BlockManager(num_blocks=12, block_size=BS)
+    system = list(range(200, 216))  # 4 blocks
+    a = make_seq("a", system + [1])
+    admit(bm, a)
+    old = [b.block_id for b in bm.probe_prefix(make_seq("b", system + [2]))[0]]
+    assert len(old) == 4
+    bm.free(a)  # cached, unreferenced: the next allocation evicts them
+    taken = bm.pool.allocate(bm.pool.num_free)
+    bm.pool.free(taken)  # free again, uncached: the old blocks now sit at the back
+    # the same content cached again (no probe in between: the memo still names the old
+    # blocks), in blocks taken from the other end of the free list
+    e = make_seq("e", system + [4])
+    bm.allocate(e, e.num_tokens)
+    e.num_computed_tokens = e.num_tokens
+    bm.commit(e)
+    seq = make_seq("f", system + [5])
+    hits = bm.probe_prefix(seq)[0]
+    assert [b.block_id for b in hits] == e.block_table[:4] != old
+    assert [b.block_id for b in hits] == [b.block_id for b in probe_without_memo(bm, seq)[0]]
+    # evicted and not cached again: no hit
+    bm.free(e)
+    bm.pool.free(bm.pool.allocate(bm.pool.num_free))
+    assert bm.probe_prefix(make_seq("g", system + [6]))[0] == []
+    bm.check_integrity()
+
+
+def test_probe_memo_is_bounded_by_tokens():
+    from pdserve.workers.probe_memo import ProbeMemo, common_blocks
+
+    assert common_blocks([1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 5, 6], 3, 2) == 1
+    assert common_blocks([1, 2, 3, 4], [1, 2, 3, 4], 2, 2) == 2
+    assert common_blocks([1, 2], [0, 2], 1, 2) == 0
+    bm = BlockManager(num_blocks=256, block_size=BS)
+    bm.memo = ProbeMemo(BS, max_tokens=40)
+    for i in range(10):  # ten prompts of 4 cached blocks each, each its own first block
+        p = [1000 * i + j for j in range(16)]
+        admit(bm, make_seq(f"p{i}", p + [1]))
+        assert len(bm.probe_prefix(make_seq(f"x{i}", p + [2]))[0]) == 4
+    assert bm.memo._tokens <= 40 and len(bm.memo) == 2
