@@ -471,15 +471,30 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
         run_offline(eng, warm, args.output_len)  # warm-up on other prompts
         engines[(name, caching)] = eng
     runs: dict = {k: [] for k in engines}
-    phases: dict = {k: [] for k in engines}  # (prefill steps s, decode step ms) per repeat
+    phases: dict = {k: [] for k in engines}  # (prefill steps s, decode step ms) per run
+    # Each repeat runs every engine twice, in mirrored order (A B C C B A), so that a drift
+    # of the machine within the repeat (the GPU's clocks move by ~10% between back-to-back
+    # runs of the same work) weighs on each setting alike; the caching-off and caching-on
+    # runs of the 0%-hit pair sit side by side. A setting's figure for the repeat is its
+    # two runs' total time.
+    shared_keys = [k for k in engines if k[0] == "shared"]
+    unique_keys = [k for k in engines if k[0] == "unique"]
     for rep in range(args.repeats):
-        work = {"shared": workload(),
-                "unique": [toks(args.system_len + args.question_len) for _ in range(n)]}
-        order = list(engines.items())
-        for (name, caching), eng in (order if rep % 2 == 0 else order[::-1]):  # no order bias
-            r = run_offline(eng, work[name], args.output_len)
-            runs[(name, caching)].append(n * args.output_len / r["wall_s"])
-            phases[(name, caching)].append((r["prefill_steps_s"], r["decode_step_ms"]))
+        # fresh prompts for each pass (the same ones for every setting), so that no run hits
+        # an earlier run's blocks
+        passes = [{"shared": workload(),
+                   "unique": [toks(args.system_len + args.question_len) for _ in range(n)]}
+                  for _ in range(2)]
+        flip = rep % 2 == 1  # which setting goes first alternates too
+        walls: dict = {k: 0.0 for k in engines}
+        for keys in (shared_keys, unique_keys):
+            order = keys[::-1] if flip else keys
+            for i, key in enumerate(order + order[::-1]):
+                r = run_offline(engines[key], passes[i // len(order)][key[0]], args.output_len)
+                walls[key] += r["wall_s"]
+                phases[key].append((r["prefill_steps_s"], r["decode_step_ms"]))
+        for key, wall in walls.items():
+            runs[key].append(2 * n * args.output_len / wall)
     res = {k: statistics.median(v) for k, v in runs.items()}
     ratios = [on / off for on, off in zip(runs[("unique", True)], runs[("unique", False)], strict=True)]
     print(json.dumps({**base, "bench": "shared_prefix", "groups": args.groups,
@@ -507,7 +522,8 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                                              for i in (0, 1)],
                       "zero_hit_phases_off": [statistics.median(x[i] for x in phases[("unique", False)])
                                               for i in (0, 1)],
-                      "repeats": args.repeats, "statistic": "median"}),
+                      "repeats": args.repeats, "runs_per_repeat": 2,
+                      "order": "A B C C B A within each repeat, A alternating", "statistic": "median"}),
           flush=True)
     for eng in engines.values():
         release(eng)
