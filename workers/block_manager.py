@@ -134,18 +134,23 @@ class BlockManager:
         identical blocks (the hash chains over everything before) if run side by side."""
         if not self.enable_caching or seq.block_table:
             return [], None
-        bs = self.block_size
-        max_blocks = (seq.num_tokens - 1) // bs
+        return self.cached_prefix(seq.token_ids, seq.cache_salt,
+                                  (seq.num_tokens - 1) // self.block_size)
+
+    def cached_prefix(self, ids: list[int], salt: str | None,
+                      max_blocks: int) -> tuple[list[Block], BlockHash | None]:
+        """The cached blocks that hold the first full blocks of ``ids`` (at most
+        ``max_blocks``, up to the first miss), and `probe_prefix`'s second hash after them."""
         if max_blocks <= 0:
             return [], None
-        ids = seq.token_ids
-        key = (seq.cache_salt, tuple(ids[:bs]))
+        bs = self.block_size
+        key = (salt, tuple(ids[:bs]))
         hits, used = self.memo.recall(key, ids, max_blocks)  # leading blocks hashed before
         reused = len(hits)
         hits = list(hits)
         lookup = self.pool.lookup
         pack = int64s(bs).pack
-        p = hits[-1].block_hash if hits else _root(seq.cache_salt)
+        p = hits[-1].block_hash if hits else _root(salt)
         ahead = None
         for i in range(reused, max_blocks):  # block by block (most prompts miss early)
             toks = pack(*ids[i * bs:(i + 1) * bs])

@@ -185,15 +185,8 @@ class DisaggEngine(LLMEngine):
                       max_blocks: int) -> tuple[int, KVPayload | None]:
         """Pack this worker's cached blocks [start_block, start_block+n) of the chain."""
         bs = self.config.block_size
-        pool = self.block_manager.pool
-        ids: list[int] = []
-        hashes, chunks = block_keys(token_ids, bs, salt, stop=min(max_blocks, len(token_ids) // bs))
-        for i, (h, toks) in enumerate(zip(hashes, chunks, strict=True)):
-            b = pool.lookup(h, toks)
-            if b is None:
-                break
-            if i >= start_block:
-                ids.append(b.block_id)
+        hits = self.block_manager.cached_prefix(token_ids, salt, min(max_blocks, len(token_ids) // bs))[0]
+        ids = [b.block_id for b in hits[start_block:]]  # hashed up to the first miss only
         if not ids:
             return 0, None
         return len(ids), pack_blocks(self.runner.kv_caches, ids)
