@@ -145,9 +145,8 @@ class BlockManager:
             return [], None
         bs = self.block_size
         key = (salt, tuple(ids[:bs]))
-        hits, used = self.memo.recall(key, ids, max_blocks)  # leading blocks hashed before
+        hits, used = self.memo.recall(key, ids, max_blocks)  # leading blocks hashed before (a new list)
         reused = len(hits)
-        hits = list(hits)
         lookup = self.pool.lookup
         pack = int64s(bs).pack
         p = hits[-1].block_hash if hits else _root(salt)

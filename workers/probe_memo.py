@@ -79,23 +79,25 @@ class ProbeMemo:
             return [], None
         blocks = best.blocks[:k]
         same = list(map(operator.is_, [b.block_hash for b in blocks], best.hashes[:k]))
-        if not all(same):  # a block was evicted or recached: stop before it
+        if not all(same):  # a block was evicted or recached: the memo stops before it
             k = same.index(False)
+            self._truncate(key, best, k)
             if not k:
-                self._drop(key, best)
                 return [], None
             blocks = blocks[:k]
-            self._tokens -= len(best.ids) - k * self.block_size
-            del best.blocks[k:], best.hashes[k:], best.ids[k * self.block_size:]
         self.blocks_reused += k
         return blocks, best
 
-    def _drop(self, key: Key, entry: _Probe) -> None:
-        entries = self._entries[key]
-        entries.remove(entry)
-        self._tokens -= len(entry.ids)
-        if not entries:
-            del self._entries[key]
+    def _truncate(self, key: Key, entry: _Probe, k: int) -> None:
+        """Keep ``entry``'s first ``k`` blocks; with none left, forget it."""
+        bs = self.block_size
+        self._tokens -= len(entry.ids) - k * bs
+        del entry.blocks[k:], entry.hashes[k:], entry.ids[k * bs:]
+        if not k:
+            entries = self._entries[key]
+            entries.remove(entry)
+            if not entries:
+                del self._entries[key]
 
     def remember(self, key: Key, ids: list[int], hits: list[Block], used: _Probe | None,
                  reused: int) -> None:
