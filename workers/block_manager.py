@@ -102,6 +102,7 @@ class BlockManager:
         self.num_sessions_dropped = 0  # pins given up for room (not by TTL)
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of which found
+        self.blocks_ridden = 0  # blocks taken while another sequence computed them (in-step)
         # Bumped whenever an entry of a block table is rewritten or dropped in place (all
         # other changes append, or replace the list): lets the decode graphs' input
         # staging copy only the entries appended since the last step (decode_graphs.py).
@@ -129,9 +130,9 @@ class BlockManager:
         return self.probe_prefix(seq)[0]
 
     def probe_prefix(self, seq: Sequence) -> tuple[list[Block], BlockHash | None]:
-        """``match_prefix``, and the chained hash of the second full block after the hits
-        (None if there is none): two sequences with equal values would compute at least two
-        identical blocks (the hash chains over everything before) if run side by side."""
+        """``match_prefix``, and the chained hash of the first full block after the hits
+        (None if there is none): two sequences with equal values would compute identical
+        blocks from there on (the hash chains over everything before) if run side by side."""
         if not self.enable_caching or seq.block_table:
             return [], None
         return self.cached_prefix(seq.token_ids, seq.cache_salt,
@@ -140,7 +141,7 @@ class BlockManager:
     def cached_prefix(self, ids: list[int], salt: str | None,
                       max_blocks: int) -> tuple[list[Block], BlockHash | None]:
         """The cached blocks that hold the first full blocks of ``ids`` (at most
-        ``max_blocks``, up to the first miss), and `probe_prefix`'s second hash after them."""
+        ``max_blocks``, up to the first miss), and the missed block's hash (`probe_prefix`)."""
         if max_blocks <= 0:
             return [], None
         bs = self.block_size
@@ -156,12 +157,24 @@ class BlockManager:
             p = _link(p, toks)
             b = lookup(p, toks)
             if b is None:
-                if i + 1 < max_blocks:
-                    ahead = _link(p, pack(*ids[(i + 1) * bs:(i + 2) * bs]))
+                ahead = p
                 break
             hits.append(b)
         self.memo.remember(key, ids, hits, used, reused)
         return hits, ahead
+
+    def ahead_of(self, seq: Sequence) -> BlockHash | None:
+        """For a sequence part way through its prompt: the hash `probe_prefix` gives a
+        newcomer with the same tokens (that of its first block not yet computed in full),
+        None without caching or without that block."""
+        if not self.enable_caching:
+            return None
+        bs = self.block_size
+        i = seq.num_computed_tokens // bs
+        if (i + 1) * bs > seq.num_tokens or len(seq.block_hashes) != i:
+            return None
+        parent = seq.block_hashes[-1] if i else None
+        return block_keys(seq.token_ids, bs, seq.cache_salt, parent, i, i + 1)[0][0]
 
     # -- allocation -------------------------------------------------------
     def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -202,13 +215,20 @@ class BlockManager:
         total = seq.num_computed_tokens + num_hits * self.block_size + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_table) - num_hits)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> list[tuple[int, int]]:
+    def allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None,
+                 ridden: list[Block] | None = None) -> list[tuple[int, int]]:
         """Give ``seq`` blocks for ``num_new_tokens`` more tokens (after taking ``hits``).
+
+        ``ridden``: blocks after the hits that another sequence fills in this very step
+        (the scheduler checked their tokens); ``seq`` reads them in the same step, as
+        every layer writes its new K/V before its attention reads any.
 
         Returns (src, dst) block copies the runner must do first: copy-on-write of a
         partially filled block that a fork still shares.
         """
         hits = hits or []
+        if ridden:
+            hits = hits + ridden
         if not self.can_allocate(seq, num_new_tokens, hits):
             raise OutOfBlocksError(self.blocks_needed_after_hits(seq, num_new_tokens, len(hits)),
                                    self.pool.num_free)
@@ -216,8 +236,10 @@ class BlockManager:
             assert not seq.block_table and seq.num_computed_tokens == 0
             self.pool.hit(hits)
             seq.block_table.extend(b.block_id for b in hits)
-            seq.block_hashes = [b.block_hash for b in hits]  # type: ignore[misc]
+            # the ridden blocks get their hashes when filled (commit takes them from there)
+            seq.block_hashes = [b.block_hash for b in hits[:len(hits) - len(ridden or ())]]  # type: ignore[misc]
             seq.num_computed_tokens = len(hits) * self.block_size
+            self.blocks_ridden += len(ridden or ())
         self._tables[seq.seq_id] = seq.block_table
         copies: list[tuple[int, int]] = []
         bs = self.block_size
@@ -246,6 +268,14 @@ class BlockManager:
         n_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         start = len(seq.block_hashes)
         if n_full <= start:  # no block became full: the common decode step
+            return
+        table, pool_blocks = seq.block_table, self.pool.blocks
+        # Blocks this sequence rode (see allocate) carry the hash their writer gave them
+        # (it commits first, in the step's order): the same chain, taken without hashing.
+        while start < n_full and (h := pool_blocks[table[start]].block_hash) is not None:
+            seq.block_hashes.append(h)
+            start += 1
+        if n_full <= start:
             return
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         new_hashes, chunks = block_keys(seq.token_ids, bs, seq.cache_salt, parent, start, n_full)

@@ -4,9 +4,14 @@ Every step has a token budget. Running sequences go first (a decode token each,
 or the next chunk of a long prompt); waiting ones are admitted in (priority,
 arrival) order while budget, sequence slots and blocks last. When blocks run out
 the lowest-priority running sequence is preempted by recompute: its blocks are
-freed and it returns to the waiting queue, later resuming where it left off. A waiting
-sequence that shares two or more uncached blocks with one admitted in the same step is
-held back a step, so it hits those blocks instead of computing them again.
+freed and it returns to the waiting queue, later resuming where it left off.
+
+A waiting sequence that shares uncached blocks with a prompt computed in the same step
+does not compute them again. It *rides* them: it takes the blocks the other one fills in
+this step and runs beside it (each layer writes all new K/V before its attention reads
+any, so the shared blocks are complete when it reads them). Where the other one fills
+shared blocks in a later step (a chunked prompt), it is held back until then instead,
+unless that is a single block (cheaper to compute twice than to wait a step for).
 """
 
 from __future__ import annotations
@@ -150,37 +155,75 @@ class Scheduler:
             break  # seq itself was preempted: no room for anything later either
 
         # 2. Waiting sequences, in (priority, arrival) order, while room lasts. One that
-        #    would compute the same uncached blocks as one admitted in this step waits a
-        #    step and then hits them (a burst sharing a new system prompt computes it once).
-        if not out.preempted:
-            computing: set[bytes] = set()
+        #    would compute the same uncached blocks as a prompt computed in this step rides
+        #    them, or waits until they are cached (a burst sharing a new system prompt
+        #    computes it once). ``computing``: the hash of each prompt chunk's first block in
+        #    this step (probe_prefix's) -> (its sequence, the blocks it has filled by the end).
+        if not out.preempted and self.waiting:
+            computing: dict[bytes, tuple[Sequence, int]] = {}
+            for s in scheduled:  # running prompts, part way through (chunked)
+                if s.num_new_tokens > 1 and not s.seq.drafts:
+                    ahead = self.bm.ahead_of(s.seq)
+                    if ahead is not None:
+                        computing.setdefault(
+                            ahead, (s.seq, (s.seq.num_computed_tokens + s.num_new_tokens) // bs))
             later: list[tuple[int, float, int, Sequence]] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0][3]
                 hits, ahead = (self.bm.probe_prefix(seq) if seq.num_computed_tokens == 0
                                else ([], None))
+                ridden = None
                 if ahead is not None and ahead in computing:
-                    later.append(heapq.heappop(self.waiting))
-                    continue
-                computed = seq.num_computed_tokens + len(hits) * self.bm.block_size
+                    ridden = self._ride(seq, len(hits), *computing[ahead])
+                    if ridden is None:
+                        later.append(heapq.heappop(self.waiting))
+                        continue
+                    ahead = None  # what it computes itself is nobody else's (not tracked)
+                taken = len(hits) + len(ridden or ())
+                computed = seq.num_computed_tokens + taken * bs
                 n = min(seq.num_tokens - computed, budget, chunk_cap)
-                if not self.bm.can_allocate(seq, n, hits):
+                if not self.bm.can_allocate(seq, n, hits + ridden if ridden else hits):
                     break
                 heapq.heappop(self.waiting)
                 if seq.first_scheduled is None and seq.num_output_tokens == 0:
-                    seq.num_cached_tokens = len(hits) * self.bm.block_size
+                    seq.num_cached_tokens = taken * bs
                     self.bm.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
-                out.block_copies.extend(self.bm.allocate(seq, n, hits))
+                out.block_copies.extend(self.bm.allocate(seq, n, hits, ridden))
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
                 if ahead is not None:
-                    computing.add(ahead)
+                    computing.setdefault(ahead, (seq, (seq.num_computed_tokens + n) // bs))
             for entry in later:
                 heapq.heappush(self.waiting, entry)
         out.table_epoch = self.bm.table_rewrites
         return out
+
+    def _ride(self, seq: Sequence, first: int, writer: Sequence, filled: int) -> list | None:
+        """What ``seq`` takes of ``writer``'s blocks from index ``first`` on in this step:
+        those whose tokens equal its own among the ones ``writer`` has filled by the step's
+        end (``filled``), leaving ``seq`` at least one token to compute. None: it waits,
+        as ``writer`` fills the next shared block in a later step (with nothing to take now,
+        only if two or more such blocks follow). The two agree on every token up to the end
+        of block ``first`` (their chained hashes of it matched)."""
+        bs = self.bm.block_size
+        ids, wids = seq.token_ids, writer.token_ids
+        own_max = (seq.num_tokens - 1) // bs  # blocks seq may take: its last token computes
+        end = min(filled, own_max)
+        i = first
+        while i < end and ids[i * bs:(i + 1) * bs] == wids[i * bs:(i + 1) * bs]:
+            i += 1
+        later = 0  # shared blocks from i on that writer fills in later steps (counted to 2)
+        if i == filled:
+            j = i
+            while (later < 2 and j < own_max and (j + 1) * bs <= len(wids)
+                   and ids[j * bs:(j + 1) * bs] == wids[j * bs:(j + 1) * bs]):
+                later, j = later + 1, j + 1
+        if later >= (2 if i == first else 1):
+            return None
+        blocks = self.bm.pool.blocks
+        return [blocks[b] for b in writer.block_table[first:i]]
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.debug("request %s preempted (recompute)", seq.request_id)

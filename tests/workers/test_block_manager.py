@@ -45,10 +45,7 @@ def probe_without_memo(bm: BlockManager, seq: Sequence):
     for h, c in zip(hashes, chunks, strict=True):
         b = bm.pool.lookup(h, c)
         if b is None:
-            nxt = len(hits) + 1
-            ahead = (bm_mod.block_keys(seq.token_ids, BS, seq.cache_salt, parent=h, start=nxt,
-                                       stop=nxt + 1)[0][0] if nxt < max_blocks else None)
-            return hits, ahead
+            return hits, h  # the missed block's hash
         hits.append(b)
     return hits, None
 

@@ -149,20 +149,32 @@ def test_usage_and_chunks_describe_the_request(engine, run_engine):
     assert [c.token_ids for c in again] == [c.token_ids for c in chunks]
 
 
+@pytest.mark.parametrize("chunk", [None, 20])
 def test_a_burst_sharing_a_new_prefix_computes_it_once_with_the_same_output(engine_factory, tiny_llama,
-                                                                            run_engine):
+                                                                            run_engine, chunk):
     """Four requests arrive together with the same 48-token prefix: one computes it, the
-    others wait a step and hit it; the tokens equal an engine without prefix caching."""
+    others ride its blocks in the step that fills them (with ``chunk``, the prompt's last
+    chunk, after waiting through the first two); the tokens equal an engine without
+    prefix caching, and every step ran the riders' tails beside the writer."""
     shared = list(range(2000, 2048))
     outs = {}
     for caching in (True, False):
-        eng = engine_factory(tiny_llama, num_blocks=64, enable_prefix_caching=caching)
+        eng = engine_factory(tiny_llama, num_blocks=64, enable_prefix_caching=caching,
+                             long_prefill_token_threshold=chunk)
         if caching:
             eng.block_manager.pool.reset_prefix_cache()
+            ridden, steps = eng.block_manager.blocks_ridden, eng.num_steps
         for i in range(4):
             eng.add_request(f"burst{i}", prompt_token_ids=shared + [3000 + i] * 5,
                             params=SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         outs[caching] = run_engine(eng)
+        if caching:
+            # 48 shared tokens, 3 blocks of 16: each rider takes all three in the writer's
+            # step, or with chunks the last one (the first two are cached by then)
+            assert eng.block_manager.blocks_ridden - ridden == 3 * (1 if chunk else 3)
+            # prefill steps (53 tokens, chunks of 20: 3) plus the 3 other tokens' steps
+            assert eng.num_steps - steps == (3 if chunk else 1) + 3
+            eng.block_manager.check_integrity()
     tokens = {c: {r: [t for ch in chunks for t in ch.token_ids] for r, chunks in o.items()}
               for c, o in outs.items()}
     assert tokens[True] == tokens[False]

@@ -123,9 +123,15 @@ def test_references_cover_eos_and_length(refs):
 
 
 def test_greedy_matches_hf_batched(smol_engine, run_engine, cases, refs):
+    """All at once on an empty cache: the two chats on one system prompt share its blocks
+    in the step that fills them (one rides the other's), and both still match HF."""
     eng = smol_engine()
+    bm = eng.block_manager
+    assert bm.pool.reset_prefix_cache()
+    ridden = bm.blocks_ridden
     got = generate(eng, run_engine, {k: (ids, GREEDY) for k, ids in cases.items()})
     assert_matches(got, refs)
+    assert bm.blocks_ridden - ridden >= 3
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 

@@ -150,3 +150,30 @@ def test_interpreted_engine_equals_torch(tmp_path: Path, monkeypatch, spec):
     eng.runner.backend = TritonAttention(torch.device("cpu"))
     monkeypatch.setattr(layers, "fused_ops", lambda x: fused)
     assert greedy(eng, prompts, 6) == ref
+
+
+def test_riders_read_blocks_filled_in_their_step(tmp_path: Path, monkeypatch):
+    """Three prompts on one 40-token start arrive together: the second and third ride the
+    first one's two full blocks in the step that fills them. The Triton kernels (on the GPU,
+    or interpreted on CPU) read those blocks in that step, after each layer's KV write, and
+    give the tokens of a reference engine that computes every prompt whole."""
+    from pdserve.workers.kernels import fused
+    from pdserve.workers.kernels.attention import TritonAttention
+    from pdserve.workers.models import layers
+
+    folder = tiny_model_folder(tmp_path)
+    rng = random.Random(9)
+    start = [rng.randrange(3, 512) for _ in range(40)]
+    prompts = [start + [rng.randrange(3, 512) for _ in range(n)] for n in (3, 9, 17)]
+    device = "cpu" if INTERPRET else "cuda"
+    ref = greedy(engine(folder, device, False, attention_backend="torch",
+                        enable_prefix_caching=False), prompts, 4)
+    if INTERPRET:
+        eng = engine(folder, "cpu", False)
+        eng.runner.backend = TritonAttention(torch.device("cpu"))
+        monkeypatch.setattr(layers, "fused_ops", lambda x: fused)
+    else:
+        eng = engine(folder, "cuda", False, attention_backend="triton")
+    assert isinstance(eng.runner.backend, TritonAttention)
+    assert greedy(eng, prompts, 4) == ref
+    assert eng.block_manager.blocks_ridden == 2 * 2

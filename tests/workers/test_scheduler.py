@@ -55,7 +55,7 @@ def test_waiting_queue_admits_by_priority_then_arrival():
 def test_one_step_admits_everything_that_fits_in_priority_order():
     sched = make(max_num_batched_tokens=100)
     for i, prio in enumerate([3, 1, 2, 0]):
-        sched.add(make_seq(f"p{prio}", 5, prio, arrival=float(i)))
+        sched.add(make_seq(f"p{prio}", 5, prio, arrival=float(i), first=10 * i))  # unrelated
     out = sched.schedule()
     assert [s.seq.request_id for s in out.scheduled] == ["p0", "p1", "p2", "p3"]
     assert out.num_tokens == 20 and all(s.samples for s in out.scheduled)
@@ -114,11 +114,29 @@ def test_remove_frees_blocks_from_any_queue():
     assert not sched.has_work() and bm.num_free_blocks == 16 and bm.owners() == []
 
 
+def play_kv(content: dict[int, list], out) -> None:
+    """Play the runner's cache: copies, then every new token's K/V into its slot; then check
+    that each row reads its own tokens at every position it attends to (cache hits, blocks
+    ridden while another row fills them in this step, its own)."""
+    for src, dst in out.block_copies:
+        content[dst] = list(content[src])
+    for s in out.scheduled:
+        seq, c = s.seq, s.seq.num_computed_tokens
+        for p in range(c, c + s.num_new_tokens):
+            content.setdefault(seq.block_table[p // BS], [None] * BS)[p % BS] = seq.token_ids[p]
+    for s in out.scheduled:
+        seq = s.seq
+        read = [content[seq.block_table[p // BS]][p % BS]
+                for p in range(seq.num_computed_tokens + s.num_new_tokens)]
+        assert read == seq.token_ids[:len(read)], seq.request_id
+
+
 def test_randomized_load_respects_budget_slots_and_frees_everything():
     rng = random.Random(7)
     cfg = dict(max_num_seqs=5, max_num_batched_tokens=24, long_prefill_token_threshold=10)
     sched = make(num_blocks=20, **cfg)
     live: list[Sequence] = []
+    content: dict[int, list] = {}
     finished = 0
     for step in range(600):
         if step < 450 and rng.random() < 0.3:
@@ -136,17 +154,21 @@ def test_randomized_load_respects_budget_slots_and_frees_everything():
             assert 1 <= s.num_new_tokens <= cfg["long_prefill_token_threshold"]
             assert s.seq.status is SequenceStatus.RUNNING
         assert len({id(s.seq) for s in out.scheduled}) == len(out.scheduled)
+        play_kv(content, out)
         for seq in run_step(sched, out):
             live.remove(seq)
             finished += 1
         sched.bm.check_integrity()
     assert not sched.has_work() and not live and finished > 50
     assert sched.bm.num_free_blocks == 20 and sched.num_preemptions > 0
+    assert sched.bm.blocks_ridden > 0 and sched.bm.prefix_hits > 0
 
 
-def test_a_burst_sharing_an_uncached_prefix_computes_it_once():
+def test_a_burst_sharing_an_uncached_prefix_computes_it_once_in_one_step():
     """Requests that would compute the same two or more new blocks side by side: the first
-    runs, the others wait one step and hit its blocks; an unrelated one is not held."""
+    computes them, the others ride them in the same step (take its blocks, compute only
+    their tails); an unrelated one is not touched. After the step the riders' chains are
+    the writer's, without a second registration."""
     sched = make(max_num_batched_tokens=200)
     shared = list(range(500, 512))  # three full blocks of BS = 4
     for i in range(3):
@@ -155,13 +177,43 @@ def test_a_burst_sharing_an_uncached_prefix_computes_it_once():
                            arrival=float(i)))
     sched.add(make_seq("other", 15, arrival=9.0, first=700))
     out = sched.schedule()
-    assert [s.seq.request_id for s in out.scheduled] == ["s0", "other"]
-    run_step(sched, out)
-    out = sched.schedule()
-    admitted = {s.seq.request_id: s for s in out.scheduled if s.seq.request_id in ("s1", "s2")}
-    assert set(admitted) == {"s1", "s2"}
-    for s in admitted.values():  # both reuse the three shared blocks and compute the tail
+    by_id = {s.seq.request_id: s for s in out.scheduled}
+    assert list(by_id) == ["s0", "s1", "s2", "other"]
+    assert by_id["s0"].num_new_tokens == 15 and by_id["other"].num_new_tokens == 15
+    s0 = by_id["s0"].seq
+    for rid in ("s1", "s2"):  # the three shared blocks are s0's; each computes its tail
+        s = by_id[rid]
         assert s.seq.num_cached_tokens == 12 and s.num_new_tokens == 3
+        assert s.seq.block_table[:3] == s0.block_table[:3]
+        assert s.seq.block_table[3] != s0.block_table[3]
+    assert sched.bm.blocks_ridden == 6
+    sched.bm.check_integrity()
+    run_step(sched, out)
+    for rid in ("s1", "s2"):
+        assert by_id[rid].seq.block_hashes == s0.block_hashes[:3]
+    assert len(sched.bm.pool.cached) == 6  # s0's three (the riders add none) and other's
+    sched.bm.check_integrity()
+
+
+def test_a_rider_waits_for_a_chunked_prompt_then_rides_its_last_chunk():
+    """The writer fills the shared blocks over three chunks: the rider waits while the
+    next shared block is still to come, then rides the chunk that ends the shared part,
+    finishing its prompt in the same step as the writer."""
+    sched = make(max_num_batched_tokens=200, long_prefill_token_threshold=8)
+    shared = list(range(500, 524))  # six full blocks
+    seqs = [Sequence(request_id=f"s{i}", token_ids=shared + [600 + i] * 3, num_prompt_tokens=27,
+                     params=SamplingParams(max_tokens=2), arrival=float(i)) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    for step in range(2):
+        out = sched.schedule()
+        assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("s0", 8)], step
+        run_step(sched, out)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("s0", 8), ("s1", 3)]
+    assert seqs[1].num_cached_tokens == 24 and seqs[1].block_table[:6] == seqs[0].block_table[:6]
+    run_step(sched, out)
+    assert seqs[1].block_hashes[:6] == seqs[0].block_hashes[:6]
     sched.bm.check_integrity()
 
 
