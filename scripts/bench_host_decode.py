@@ -1,6 +1,8 @@
 """Host time of a 256-row decode step, on the CPU, through the engine's real path: scheduler,
 graph input staging (DecodeGraphs._fill), landing, detokenization, stop checks. Only the
-GPU work is faked (the graph replay returns zeros). Prints the median step in ms.
+GPU work is faked (the graph replay returns zeros). Prints the median step in ms, and the
+median of the steps where every row starts a new KV block (every 16th: a block to allocate
+and one to register per row) apart from the others.
 
     python scripts/bench_host_decode.py real            # the SmolLM2 tokenizer (DecodeStream)
     python scripts/bench_host_decode.py real --offsets  # the same, detokenized by offsets
@@ -39,13 +41,15 @@ class HostGraphs(DecodeGraphs):
 
     def __init__(self, max_batch: int, block_size: int, width: int, hidden: int) -> None:
         self.block_size, self.width = block_size, width
+        self.planner, self.rows, self.shared_replays = None, 1, 0  # no shared-prefix plans
         self.sizes = sorted(set(buckets(max_batch)))
         self.max_batch = self.sizes[-1]
-        self.buf = torch.zeros(self.max_batch * (4 + width), dtype=torch.int64)
+        self.buf = torch.zeros(self._size(self.max_batch), dtype=torch.int64)
         self.pinned = torch.empty_like(self.buf)
         self.copied, self._staged = _NoOp(), None
         out = torch.zeros(self.max_batch, hidden)
         self.graphs = {b: (_NoOp(), out) for b in self.sizes}
+        self.shared_graphs = {}
 
 
 def main() -> None:
@@ -53,6 +57,8 @@ def main() -> None:
     ap.add_argument("tokenizer", choices=["stub", "real"])
     ap.add_argument("--offsets", action="store_true", help="detokenize by offsets (no DecodeStream)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-boundary", action="store_true",
+                    help="a cProfile of 8 block-boundary steps only")
     args = ap.parse_args()
     if args.offsets:
         import pdserve.workers.detokenizer as detok
@@ -80,15 +86,28 @@ def main() -> None:
                             prompt_token_ids=[rng.randrange(300, 500) for _ in range(512)],
                             params=SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
 
-    for _ in range(2):  # the first run warms up
+    prof = cProfile.Profile() if args.profile_boundary else None
+    for rnd in range(2):  # the first run warms up
         add("r")
-        steps = []
+        steps, boundary = [], []
         while eng.has_unfinished():
+            # this step starts a block for every row (all prompts are 512 tokens)
+            first = next(iter(eng.scheduler.running), None)
+            at = first is not None and first.num_computed_tokens % 16 == 0 and first.num_output_tokens
+            on = prof is not None and rnd == 1 and at and len(boundary) < 8
+            if on:
+                prof.enable()
             t = time.perf_counter()
             eng.step()
-            steps.append(time.perf_counter() - t)
+            (boundary if at else steps).append(time.perf_counter() - t)
+            if on:
+                prof.disable()
     mid = sorted(steps[20:100])
-    print(f"median decode step ms: {mid[len(mid) // 2] * 1e3:.3f}")
+    edge = sorted(boundary[1:])
+    print(f"median decode step ms: {mid[len(mid) // 2] * 1e3:.3f}; at a block boundary: "
+          f"{edge[len(edge) // 2] * 1e3:.3f} ({len(edge)} steps)")
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if args.profile:
         add("p")
         for _ in range(30):
