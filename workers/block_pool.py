@@ -171,10 +171,15 @@ class BlockPool:
         evicted: list[BlockHash] = []
         if not self._ranked:  # LRU: the queue's head, taken in one splice
             out = self.free_queue.popleft_n(n)
+            cached = self.cached
             for b in out:
-                if b.block_hash is not None:
-                    evicted.append(b.block_hash)
-                    self._uncache(b)
+                h = b.block_hash
+                if h is not None:  # _uncache and _reset, inlined (a full pool evicts per block)
+                    evicted.append(h)
+                    if cached.get(h) is b:
+                        del cached[h]
+                    b.block_hash = b.tokens = b.tenant = None
+                    b.hits = b.depth = 0
                 b.ref_count = 1
         else:
             out = []
@@ -256,11 +261,12 @@ class BlockPool:
         stored_hashes: list[BlockHash] = []
         stored_tokens: list[bytes] = []
         first_parent = parent
+        cached, ranked = self.cached, self._ranked
         for i, (b, h, toks) in enumerate(zip(blocks, hashes, token_chunks, strict=True)):
             if b.block_hash is not None:
                 parent = b.block_hash
                 continue  # already cached (a hit being re-registered)
-            if h in self.cached:
+            if h in cached:
                 # Another block already holds this content; this one stays private.
                 parent = h
                 continue
@@ -270,8 +276,8 @@ class BlockPool:
             b.tokens = toks
             b.tenant = tenant
             b.depth = depth + i
-            self.cached[h] = b
-            if self._ranked:
+            cached[h] = b
+            if ranked:
                 self._refile(self.policy.on_cache(b, parent))
                 if self.quota is not None:
                     self.quota.on_cache(b)
