@@ -9,9 +9,12 @@ freed and it returns to the waiting queue, later resuming where it left off.
 A waiting sequence that shares uncached blocks with a prompt computed in the same step
 does not compute them again. It *rides* them: it takes the blocks the other one fills in
 this step and runs beside it (each layer writes all new K/V before its attention reads
-any, so the shared blocks are complete when it reads them). Where the other one fills
-shared blocks in a later step (a chunked prompt), it is held back until then instead,
-unless that is a single block (cheaper to compute twice than to wait a step for).
+any, so the shared blocks are complete when it reads them). A rider that goes on past what
+it shares is ridden in turn by those that share more with it (a system prompt, then the
+same few-shot examples). Where the other one fills shared blocks in a later step (a
+chunked prompt), it is held back until then instead, unless that is a single block
+(cheaper to compute twice than to wait a step for). Ridden tokens are not cache hits:
+``num_cached_tokens`` and the hit counters count only blocks found cached.
 """
 
 from __future__ import annotations
@@ -158,9 +161,12 @@ class Scheduler:
         #    would compute the same uncached blocks as a prompt computed in this step rides
         #    them, or waits until they are cached (a burst sharing a new system prompt
         #    computes it once). ``computing``: the hash of each prompt chunk's first block in
-        #    this step (probe_prefix's) -> (its sequence, the blocks it has filled by the end).
+        #    this step (probe_prefix's) -> (its sequence, the blocks it has filled by the end);
+        #    ``branches``: (a writer, a block index) -> a rider that took the writer's blocks
+        #    up to there and computes on from there (a longer shared prefix: others ride it).
         if not out.preempted and self.waiting:
             computing: dict[bytes, tuple[Sequence, int]] = {}
+            branches: dict[tuple[int, int], tuple[Sequence, int]] = {}
             for s in scheduled:  # running prompts, part way through (chunked)
                 if s.num_new_tokens > 1 and not s.seq.drafts:
                     ahead = self.bm.ahead_of(s.seq)
@@ -172,13 +178,13 @@ class Scheduler:
                 seq = self.waiting[0][3]
                 hits, ahead = (self.bm.probe_prefix(seq) if seq.num_computed_tokens == 0
                                else ([], None))
-                ridden = None
+                ridden, writer = None, None
                 if ahead is not None and ahead in computing:
-                    ridden = self._ride(seq, len(hits), *computing[ahead])
-                    if ridden is None:
+                    ride = self._ride(seq, len(hits), *computing[ahead], branches)
+                    if ride is None:
                         later.append(heapq.heappop(self.waiting))
                         continue
-                    ahead = None  # what it computes itself is nobody else's (not tracked)
+                    ridden, writer = ride
                 taken = len(hits) + len(ridden or ())
                 computed = seq.num_computed_tokens + taken * bs
                 n = min(seq.num_tokens - computed, budget, chunk_cap)
@@ -186,44 +192,66 @@ class Scheduler:
                     break
                 heapq.heappop(self.waiting)
                 if seq.first_scheduled is None and seq.num_output_tokens == 0:
-                    seq.num_cached_tokens = taken * bs
+                    # tokens served from the cache (not those ridden: computed in this step)
+                    seq.num_cached_tokens = len(hits) * bs
                     self.bm.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
                 out.block_copies.extend(self.bm.allocate(seq, n, hits, ridden))
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
-                if ahead is not None:
-                    computing.setdefault(ahead, (seq, (seq.num_computed_tokens + n) // bs))
+                filled = (seq.num_computed_tokens + n) // bs
+                if ridden:  # it branches off its (last) writer where its own blocks begin
+                    branches.setdefault((id(writer), taken), (seq, filled))
+                elif ahead is not None:
+                    computing.setdefault(ahead, (seq, filled))
             for entry in later:
                 heapq.heappush(self.waiting, entry)
         out.table_epoch = self.bm.table_rewrites
         return out
 
-    def _ride(self, seq: Sequence, first: int, writer: Sequence, filled: int) -> list | None:
-        """What ``seq`` takes of ``writer``'s blocks from index ``first`` on in this step:
-        those whose tokens equal its own among the ones ``writer`` has filled by the step's
-        end (``filled``), leaving ``seq`` at least one token to compute. None: it waits,
-        as ``writer`` fills the next shared block in a later step (with nothing to take now,
-        only if two or more such blocks follow). The two agree on every token up to the end
-        of block ``first`` (their chained hashes of it matched)."""
+    def _ride(self, seq: Sequence, first: int, writer: Sequence, filled: int,
+              branches: dict[tuple[int, int], tuple[Sequence, int]]
+              ) -> tuple[list, Sequence] | None:
+        """What ``seq`` takes, from block ``first`` on, of the blocks filled in this step:
+        ``writer``'s while their tokens equal its own, among those it has filled by the
+        step's end (``filled``), then those of a rider that branched off ``writer`` where
+        ``seq`` parts from it (and so on), leaving ``seq`` at least one token to compute.
+        Returns them and the last writer they came from; None: ``seq`` waits, as that writer
+        fills the next shared block in a later step (with nothing to take now, only if two
+        or more such blocks follow). ``seq`` and ``writer`` agree on every token up to the
+        end of block ``first`` (their chained hashes of it matched)."""
         bs = self.bm.block_size
-        ids, wids = seq.token_ids, writer.token_ids
+        ids = seq.token_ids
         own_max = (seq.num_tokens - 1) // bs  # blocks seq may take: its last token computes
-        end = min(filled, own_max)
+
+        def same(w: Sequence, k: int) -> bool:
+            return ids[k * bs:(k + 1) * bs] == w.token_ids[k * bs:(k + 1) * bs]
+
+        blocks, taken = self.bm.pool.blocks, []
         i = first
-        while i < end and ids[i * bs:(i + 1) * bs] == wids[i * bs:(i + 1) * bs]:
-            i += 1
+        while True:
+            j, end = i, min(filled, own_max)
+            while j < end and same(writer, j):
+                j += 1
+            taken += [blocks[b] for b in writer.block_table[i:j]]
+            i = j
+            if i >= own_max:
+                break
+            branch = branches.get((id(writer), i))  # seq parts from writer at block i
+            if branch is not None and same(branch[0], i):
+                writer, filled = branch
+                continue
+            if i == filled:
+                break
+            return taken, writer
         later = 0  # shared blocks from i on that writer fills in later steps (counted to 2)
-        if i == filled:
-            j = i
-            while (later < 2 and j < own_max and (j + 1) * bs <= len(wids)
-                   and ids[j * bs:(j + 1) * bs] == wids[j * bs:(j + 1) * bs]):
-                later, j = later + 1, j + 1
-        if later >= (2 if i == first else 1):
+        while (later < 2 and i + later < own_max and (i + later + 1) * bs <= len(writer.token_ids)
+               and same(writer, i + later)):
+            later += 1
+        if later >= (1 if taken else 2):
             return None
-        blocks = self.bm.pool.blocks
-        return [blocks[b] for b in writer.block_table[first:i]]
+        return taken, writer
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.debug("request %s preempted (recompute)", seq.request_id)

@@ -178,5 +178,6 @@ def test_a_burst_sharing_a_new_prefix_computes_it_once_with_the_same_output(engi
     tokens = {c: {r: [t for ch in chunks for t in ch.token_ids] for r, chunks in o.items()}
               for c, o in outs.items()}
     assert tokens[True] == tokens[False]
+    # cached tokens count cache hits only: with chunks, the riders found two blocks cached
     cached = sorted(o[-1].usage.cached_tokens for o in outs[True].values())
-    assert cached == [0, 48, 48, 48]
+    assert cached == ([0, 32, 32, 32] if chunk else [0, 0, 0, 0])

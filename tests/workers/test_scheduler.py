@@ -126,7 +126,7 @@ def play_kv(content: dict[int, list], out) -> None:
             content.setdefault(seq.block_table[p // BS], [None] * BS)[p % BS] = seq.token_ids[p]
     for s in out.scheduled:
         seq = s.seq
-        read = [content[seq.block_table[p // BS]][p % BS]
+        read = [content.get(seq.block_table[p // BS], [None] * BS)[p % BS]
                 for p in range(seq.num_computed_tokens + s.num_new_tokens)]
         assert read == seq.token_ids[:len(read)], seq.request_id
 
@@ -137,6 +137,15 @@ def test_randomized_load_respects_budget_slots_and_frees_everything():
     sched = make(num_blocks=20, **cfg)
     live: list[Sequence] = []
     content: dict[int, list] = {}
+    pool_allocate = sched.bm.pool.allocate
+
+    def allocate(n: int):  # a block handed out holds nothing yet: a read before a write fails
+        got = pool_allocate(n)
+        for b in got:
+            content.pop(b.block_id, None)
+        return got
+
+    sched.bm.pool.allocate = allocate
     finished = 0
     for step in range(600):
         if step < 450 and rng.random() < 0.3:
@@ -182,8 +191,8 @@ def test_a_burst_sharing_an_uncached_prefix_computes_it_once_in_one_step():
     assert by_id["s0"].num_new_tokens == 15 and by_id["other"].num_new_tokens == 15
     s0 = by_id["s0"].seq
     for rid in ("s1", "s2"):  # the three shared blocks are s0's; each computes its tail
-        s = by_id[rid]
-        assert s.seq.num_cached_tokens == 12 and s.num_new_tokens == 3
+        s = by_id[rid]  # (computed in this step: not counted as cached tokens)
+        assert s.seq.num_cached_tokens == 0 and s.num_new_tokens == 3
         assert s.seq.block_table[:3] == s0.block_table[:3]
         assert s.seq.block_table[3] != s0.block_table[3]
     assert sched.bm.blocks_ridden == 6
@@ -211,9 +220,36 @@ def test_a_rider_waits_for_a_chunked_prompt_then_rides_its_last_chunk():
         run_step(sched, out)
     out = sched.schedule()
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("s0", 8), ("s1", 3)]
-    assert seqs[1].num_cached_tokens == 24 and seqs[1].block_table[:6] == seqs[0].block_table[:6]
+    # four blocks cached by now, two ridden
+    assert seqs[1].num_cached_tokens == 16 and seqs[1].block_table[:6] == seqs[0].block_table[:6]
     run_step(sched, out)
     assert seqs[1].block_hashes[:6] == seqs[0].block_hashes[:6]
+    sched.bm.check_integrity()
+
+
+def test_a_longer_shared_prefix_is_ridden_off_the_first_rider():
+    """A = S+x, B = S+T+y, C = S+T+z in one step: B rides S off A and computes T; C rides S
+    off A and T off B (T computed once); D, on S and another salt, shares nothing."""
+    sched = make(max_num_batched_tokens=200)
+    s, t = list(range(500, 512)), list(range(700, 712))  # three blocks each
+    prompts = {"A": s + [1, 2, 3], "B": s + t + [4, 5, 6], "C": s + t + [7, 8, 9]}
+    for i, (rid, ids) in enumerate(prompts.items()):
+        sched.add(Sequence(request_id=rid, token_ids=ids, num_prompt_tokens=len(ids),
+                           params=SamplingParams(max_tokens=2), arrival=float(i)))
+    sched.add(Sequence(request_id="D", token_ids=s + [1, 2, 3], num_prompt_tokens=15,
+                       params=SamplingParams(max_tokens=2), arrival=9.0, cache_salt="tenant-2"))
+    out = sched.schedule()
+    got = {x.seq.request_id: x for x in out.scheduled}
+    a, b, c, d = (got[r].seq for r in "ABCD")
+    assert [got[r].num_new_tokens for r in "ABCD"] == [15, 15, 3, 15]
+    assert b.block_table[:3] == c.block_table[:3] == a.block_table[:3]
+    assert c.block_table[3:6] == b.block_table[3:6]
+    assert not set(d.block_table) & set(a.block_table + b.block_table)
+    assert sched.bm.blocks_ridden == 3 + 6
+    play_kv({}, out)
+    run_step(sched, out)
+    assert c.block_hashes == b.block_hashes[:6] and c.block_hashes[:3] == a.block_hashes
+    assert d.block_hashes != a.block_hashes
     sched.bm.check_integrity()
 
 
