@@ -164,7 +164,8 @@ class Scheduler:
         #    this step (probe_prefix's) -> (its sequence, the blocks it has filled by the end);
         #    ``branches``: (a writer, a block index) -> a rider that took the writer's blocks
         #    up to there and computes on from there (a longer shared prefix: others ride it).
-        if not out.preempted and self.waiting:
+        if (not out.preempted and self.waiting and budget > 0
+                and len(self.running) < self.config.max_num_seqs):  # (else nothing is admitted)
             computing: dict[bytes, tuple[Sequence, int]] = {}
             branches: dict[tuple[int, int], tuple[Sequence, int]] = {}
             for s in scheduled:  # running prompts, part way through (chunked)
