@@ -509,6 +509,9 @@ def shared_prefix(model, cfg_dict: dict, tmp: Path, args, base: dict, rng: rando
                       "shared_prefix_replays": {str(k[1]): e.runner.graphs.shared_replays
                                                 for k, e in engines.items() if k[0] == "shared"
                                                 and e.runner.graphs is not None},
+                      # blocks taken while another request filled them in the same step
+                      "blocks_ridden": {f"{k[0]}-{k[1]}": getattr(e.block_manager, "blocks_ridden", 0)
+                                        for k, e in engines.items()},
                       # (prefill phase s, decode step ms): caching on, off, on with per-row attention
                       "shared_phases": {str(k[1]): [round(statistics.median(x[i] for x in phases[k]), 4)
                                                     for i in (0, 1)]
