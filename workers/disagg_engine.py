@@ -59,6 +59,7 @@ class Lease:
     state: SeqState
     expires_at: float
     queue_seconds: float = 0.0  # arrival -> first scheduled on the prefill worker
+    ridden_tokens: int = 0  # prompt tokens another prompt computed (Sequence.num_ridden_tokens)
 
 
 def state_of(seq: Sequence) -> SeqState:
@@ -117,7 +118,8 @@ class DisaggEngine(LLMEngine):
                           n_blocks, tuple(seq.block_hashes), self.layout, self.grpc_address)
         queued = (seq.first_scheduled or seq.arrival) - seq.arrival
         self.leases[lease_id] = Lease(lease_id, list(block_ids), handle, state_of(seq),
-                                      time.monotonic() + self.lease_seconds, queued)
+                                      time.monotonic() + self.lease_seconds, queued,
+                                      seq.num_ridden_tokens)
         self.requests.pop(seq.request_id, None)
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -195,6 +195,7 @@ class Scheduler:
                 if seq.first_scheduled is None and seq.num_output_tokens == 0:
                     # tokens served from the cache (not those ridden: computed in this step)
                     seq.num_cached_tokens = len(hits) * bs
+                    seq.num_ridden_tokens = len(ridden or ()) * bs
                     self.bm.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_tokens)
                 out.block_copies.extend(self.bm.allocate(seq, n, hits, ridden))
                 seq.status = SequenceStatus.RUNNING

@@ -43,6 +43,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    # prompt tokens it took from a prompt computed in the same step (riding: scheduler.py)
+    num_ridden_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
     finish_reason: FinishReason | None = None

@@ -149,16 +149,18 @@ class Worker:
 
         def take(engine: DisaggEngine):
             lease = engine.lease_for(req.request_id)
-            return (lease.handle, lease.state, lease.queue_seconds) if lease else (None, None, 0.0)
+            return ((lease.handle, lease.state, lease.queue_seconds, lease.ridden_tokens) if lease
+                    else (None, None, 0.0, 0))
 
         try:
-            handle, state, queued = await self.aengine.acall(take)
+            handle, state, queued, ridden = await self.aengine.acall(take)
         except asyncio.CancelledError:  # nobody will hand the lease on: release it now
             self.aengine.abort(req.request_id)
             raise
         if handle is None:  # aborted or expired in between
             return PrefillResult(replace(first, finished=True, finish_reason="abort"), None, None, dt)
-        uncached = len(req.prompt_token_ids) - state.num_cached_tokens
+        # the prompt tokens this request computed (a prior for placement's prefill estimate)
+        uncached = len(req.prompt_token_ids) - state.num_cached_tokens - ridden
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
         pushed = None

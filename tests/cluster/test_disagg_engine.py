@@ -137,6 +137,28 @@ def test_blocks_cached_on_the_decode_side_are_not_pulled_again(make, reference: 
     free_and_clean(d)
 
 
+def test_a_prompt_prefilled_beside_its_twin_rides_it_and_hands_off_exactly(make, reference) -> None:
+    """The same prompt twice in one prefill step: the second takes the first one's blocks as
+    they are filled (riding; its lease says how many tokens it did not compute, and none
+    counts as cached), both leases share them, and both hand off to the same tokens."""
+    p, d = make("p"), make("d")
+    assert p.block_manager.pool.reset_prefix_cache()
+    q = PROMPTS[2]
+    ids = reference.prompt_ids[q]
+    leases = prefill(p, {"a": ids, "b": ids})
+    full = (len(ids) - 1) // BS * BS
+    assert leases["a"][1].ridden_tokens == 0
+    assert leases["b"][1].ridden_tokens == full and leases["b"][1].state.num_cached_tokens == 0
+    shared = full // BS
+    assert leases["b"][1].block_ids[:shared] == leases["a"][1].block_ids[:shared]
+    hand_off(p, d, leases)
+    free_and_clean(p)
+    out = run(d)
+    for rid in ("a", "b"):
+        reference.check(q, [*leases[rid][0].token_ids, *(t for c in out[rid] for t in c.token_ids)])
+    free_and_clean(d)
+
+
 def test_a_fully_cached_prompt_is_admitted_without_pull_or_recompute(make, reference) -> None:
     p, d = make("p"), make("d")
     ids = reference.prompt_ids[PROMPTS[2]][: 2 * BS]  # exactly two full blocks

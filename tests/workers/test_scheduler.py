@@ -193,6 +193,7 @@ def test_a_burst_sharing_an_uncached_prefix_computes_it_once_in_one_step():
     for rid in ("s1", "s2"):  # the three shared blocks are s0's; each computes its tail
         s = by_id[rid]  # (computed in this step: not counted as cached tokens)
         assert s.seq.num_cached_tokens == 0 and s.num_new_tokens == 3
+        assert s.seq.num_ridden_tokens == 12
         assert s.seq.block_table[:3] == s0.block_table[:3]
         assert s.seq.block_table[3] != s0.block_table[3]
     assert sched.bm.blocks_ridden == 6
@@ -222,6 +223,7 @@ def test_a_rider_waits_for_a_chunked_prompt_then_rides_its_last_chunk():
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("s0", 8), ("s1", 3)]
     # four blocks cached by now, two ridden
     assert seqs[1].num_cached_tokens == 16 and seqs[1].block_table[:6] == seqs[0].block_table[:6]
+    assert seqs[1].num_ridden_tokens == 8
     run_step(sched, out)
     assert seqs[1].block_hashes[:6] == seqs[0].block_hashes[:6]
     sched.bm.check_integrity()
