@@ -98,7 +98,7 @@ def build_workload(args: argparse.Namespace, keep_chains: bool) -> Workload:
             for s in range(first, args.chain, args.blocks_per_event):
                 hs = tuple(full[s : s + args.blocks_per_event])
                 parent = full[s - 1] if s else None
-                events[w].append(BlockStored(hs, parent, (), BLOCK_SIZE))
+                events[w].append(BlockStored(hs, parent, b"", BLOCK_SIZE))
                 stored += len(hs)
             entries += args.chain - first
             flush(w, force=False)

@@ -34,7 +34,6 @@ from pdserve.workers.kv_events import (
     BlockStored,
     KVEvent,
     KVEventBatch,
-    unpack_tokens,
 )
 
 MAX_PENDING_EVENTS = 4096  # events kept for take_events; past it they are dropped (a gap)
@@ -287,8 +286,8 @@ class BlockPool:
             stored_tokens.append(toks)
             parent = h
         if stored_hashes:
-            self._emit(BlockStored(tuple(stored_hashes), first_parent,
-                                   unpack_tokens(b"".join(stored_tokens)), self.block_size))
+            self._emit(BlockStored(tuple(stored_hashes), first_parent, b"".join(stored_tokens),
+                                   self.block_size))
 
     def expire(self, now: float | None = None) -> int:
         """Drop the cached free blocks the policy says have expired (``ttl``); they stay free.

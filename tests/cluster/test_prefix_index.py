@@ -15,6 +15,7 @@ from pdserve.workers.kv_events import (
     BlockStored,
     KVEvent,
     KVEventBatch,
+    pack_tokens,
 )
 
 BLOCK_SIZE = 4
@@ -31,7 +32,7 @@ def chain(tokens: Sequence[int], parent: bytes | None = None) -> list[bytes]:
 
 
 def stored(hashes: Sequence[bytes], parent: bytes | None = None) -> BlockStored:
-    tokens = tuple(range(len(hashes) * BLOCK_SIZE))
+    tokens = pack_tokens(range(len(hashes) * BLOCK_SIZE))
     return BlockStored(tuple(hashes), parent, tokens, BLOCK_SIZE)
 
 

@@ -132,8 +132,9 @@ def test_kv_events_carry_chain_parents_tokens_and_increasing_seq_numbers():
     cache(pool, blocks[1:], 1, parent=h(0))
     b1 = pool.take_events()
     assert b1 is not None and (b1.worker_id, b1.seq) == ("w7", 1)
-    assert b1.events == (BlockStored((h(0),), None, unpack_tokens(toks(0)), BS),
-                         BlockStored((h(1), h(2)), h(0), unpack_tokens(toks(1) + toks(2)), BS))
+    assert b1.events == (BlockStored((h(0),), None, toks(0), BS),
+                         BlockStored((h(1), h(2)), h(0), toks(1) + toks(2), BS))
+    assert b1.events[1].token_ids == unpack_tokens(toks(1) + toks(2))
     assert not pool.reset_prefix_cache()  # blocks in use: refused, no event
     pool.free(blocks[::-1])
     pool.allocate(2)  # evicts the free queue's head: the never-used block, then block 2's
@@ -160,7 +161,7 @@ def test_events_nobody_takes_stay_bounded_and_leave_a_gap(monkeypatch):
     assert len(pool._events) <= 3 and pool.num_dropped_events == 1
     batch = pool.take_events()
     assert batch is not None and batch.seq == 2  # 1 was skipped: a gap for the consumer
-    assert batch.events == (BlockStored((h(4),), h(3), unpack_tokens(toks(4)), BS),)
+    assert batch.events == (BlockStored((h(4),), h(3), toks(4), BS),)
     pool.check_integrity()
 
 
