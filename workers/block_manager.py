@@ -37,7 +37,8 @@ def _root(salt: str | None) -> bytes:
 
 def _link(head: bytes, tokens: bytes) -> BlockHash:
     """One block's hash: BLAKE2b-128 of its parent's hash (or the salted root) and its
-    packed token ids. Every block hash in the project is made here."""
+    packed token ids. Every block hash in the project is made here (and by the same call
+    inlined in `block_keys`' loop, which hashes every block of every prompt)."""
     return hashlib.blake2b(head + tokens, digest_size=16).digest()
 
 
@@ -228,19 +229,18 @@ class BlockManager:
         partially filled block that a fork still shares.
         """
         hits = hits or []
-        if ridden:
-            hits = hits + ridden
-        if not self.can_allocate(seq, num_new_tokens, hits):
-            raise OutOfBlocksError(self.blocks_needed_after_hits(seq, num_new_tokens, len(hits)),
+        taken = hits + ridden if ridden else hits
+        if not self.can_allocate(seq, num_new_tokens, taken):
+            raise OutOfBlocksError(self.blocks_needed_after_hits(seq, num_new_tokens, len(taken)),
                                    self.pool.num_free)
-        if hits:
+        if taken:
             assert not seq.block_table and seq.num_computed_tokens == 0
-            self.pool.hit(hits)
-            seq.block_table.extend(b.block_id for b in hits)
+            self.pool.hit(taken)
+            seq.block_table.extend(b.block_id for b in taken)
             # the ridden blocks get their hashes when filled (commit takes them from there)
-            seq.block_hashes = [b.block_hash for b in hits[:len(hits) - len(ridden or ())]]  # type: ignore[misc]
-            seq.num_computed_tokens = len(hits) * self.block_size
-            self.blocks_ridden += len(ridden or ())
+            seq.block_hashes = [b.block_hash for b in hits]  # type: ignore[misc]
+            seq.num_computed_tokens = len(taken) * self.block_size
+            self.blocks_ridden += len(taken) - len(hits)
         self._tables[seq.seq_id] = seq.block_table
         copies: list[tuple[int, int]] = []
         bs = self.block_size

@@ -170,15 +170,14 @@ class BlockPool:
         evicted: list[BlockHash] = []
         if not self._ranked:  # LRU: the queue's head, taken in one splice
             out = self.free_queue.popleft_n(n)
-            cached = self.cached
+            cached, reset = self.cached, self._reset
             for b in out:
                 h = b.block_hash
-                if h is not None:  # _uncache and _reset, inlined (a full pool evicts per block)
+                if h is not None:  # _uncache without policy hooks (a full pool evicts per block)
                     evicted.append(h)
                     if cached.get(h) is b:
                         del cached[h]
-                    b.block_hash = b.tokens = b.tenant = None
-                    b.hits = b.depth = 0
+                    reset(b)
                 b.ref_count = 1
         else:
             out = []

@@ -147,20 +147,16 @@ class Worker:
         if first.finished:
             return PrefillResult(first, None, None, dt)
 
-        def take(engine: DisaggEngine):
-            lease = engine.lease_for(req.request_id)
-            return ((lease.handle, lease.state, lease.queue_seconds, lease.ridden_tokens) if lease
-                    else (None, None, 0.0, 0))
-
-        try:
-            handle, state, queued, ridden = await self.aengine.acall(take)
+        try:  # (a lease's fields are fixed once made: read here, off the engine thread)
+            lease = await self.aengine.acall(lambda e: e.lease_for(req.request_id))
         except asyncio.CancelledError:  # nobody will hand the lease on: release it now
             self.aengine.abort(req.request_id)
             raise
-        if handle is None:  # aborted or expired in between
+        if lease is None:  # aborted or expired in between
             return PrefillResult(replace(first, finished=True, finish_reason="abort"), None, None, dt)
+        handle, state, queued = lease.handle, lease.state, lease.queue_seconds
         # the prompt tokens this request computed (a prior for placement's prefill estimate)
-        uncached = len(req.prompt_token_ids) - state.num_cached_tokens - ridden
+        uncached = len(req.prompt_token_ids) - state.num_cached_tokens - lease.ridden_tokens
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
         pushed = None
