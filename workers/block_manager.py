@@ -192,11 +192,13 @@ class BlockManager:
             return False
         return not (c % bs and num_new_tokens) or self.pool.blocks[table[c // bs]].ref_count <= 1
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None) -> bool:
-        """True if `allocate` will succeed; drops session pins (oldest first) to make room."""
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None,
+                     reserve: int = 0) -> bool:
+        """True if `allocate` will succeed and leave ``reserve`` blocks free; drops session
+        pins (oldest first) to make room."""
         hits = hits or []
         need = (self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
-                + self._needs_copy(seq, num_new_tokens))
+                + self._needs_copy(seq, num_new_tokens) + reserve)
         while True:
             reclaimed = [b.ref_count for b in hits].count(0) if hits else 0
             if need + reclaimed <= self.pool.num_free:

@@ -13,7 +13,8 @@ any, so the shared blocks are complete when it reads them). A rider that goes on
 it shares is ridden in turn by those that share more with it (a system prompt, then the
 same few-shot examples). Where the other one fills shared blocks in a later step (a
 chunked prompt), it is held back until then instead, unless that is a single block
-(cheaper to compute twice than to wait a step for). Ridden tokens are not cache hits:
+(cheaper to compute twice than to wait a step for); while held it keeps its place, a
+sequence slot and the blocks of its first chunk, from lower-priority requests. Ridden tokens are not cache hits:
 ``num_cached_tokens`` and the hit counters count only blocks found cached.
 """
 
@@ -175,7 +176,9 @@ class Scheduler:
                         computing.setdefault(
                             ahead, (s.seq, (s.seq.num_computed_tokens + s.num_new_tokens) // bs))
             later: list[tuple[int, float, int, Sequence]] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            held = held_blocks = 0  # a held request keeps its place: a slot and its blocks
+            while (self.waiting and budget > 0
+                   and len(self.running) + held < self.config.max_num_seqs):
                 seq = self.waiting[0][3]
                 hits, ahead = (self.bm.probe_prefix(seq) if seq.num_computed_tokens == 0
                                else ([], None))
@@ -184,12 +187,16 @@ class Scheduler:
                     ride = self._ride(seq, len(hits), *computing[ahead], branches)
                     if ride is None:
                         later.append(heapq.heappop(self.waiting))
+                        held += 1
+                        held_blocks += self._own_blocks(seq, len(hits), computing[ahead][0],
+                                                        chunk_cap)
                         continue
                     ridden, writer = ride
                 taken = len(hits) + len(ridden or ())
                 computed = seq.num_computed_tokens + taken * bs
                 n = min(seq.num_tokens - computed, budget, chunk_cap)
-                if not self.bm.can_allocate(seq, n, hits + ridden if ridden else hits):
+                if not self.bm.can_allocate(seq, n, hits + ridden if ridden else hits,
+                                            held_blocks):
                     break
                 heapq.heappop(self.waiting)
                 if seq.first_scheduled is None and seq.num_output_tokens == 0:
@@ -254,6 +261,19 @@ class Scheduler:
         if later >= (1 if taken else 2):
             return None
         return taken, writer
+
+    def _own_blocks(self, seq: Sequence, first: int, writer: Sequence, chunk_cap: int) -> int:
+        """The blocks a request held back for ``writer`` will allocate when it is admitted:
+        those of its first chunk past the blocks it shares with ``writer`` (from block
+        ``first`` on, the cached ones before it). Kept free while lower-priority requests
+        are admitted in its step, so they do not take its place (sharing with a rider that
+        branches off ``writer`` is not counted: the estimate errs on the side of room)."""
+        bs = self.bm.block_size
+        ids, other = seq.token_ids, writer.token_ids
+        k, end = first, min((seq.num_tokens - 1) // bs, len(other) // bs)
+        while k < end and ids[k * bs:(k + 1) * bs] == other[k * bs:(k + 1) * bs]:
+            k += 1
+        return -(-min(seq.num_tokens - k * bs, chunk_cap) // bs)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         logger.debug("request %s preempted (recompute)", seq.request_id)

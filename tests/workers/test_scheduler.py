@@ -262,3 +262,40 @@ def test_one_shared_block_is_not_worth_a_step():
                            num_prompt_tokens=12, params=SamplingParams(max_tokens=2),
                            arrival=float(i)))
     assert [s.seq.request_id for s in sched.schedule().scheduled] == ["s0", "s1"]
+
+
+def _held_scene(**cfg) -> tuple[Scheduler, list[Sequence], Sequence]:
+    """s0 fills six shared blocks over chunks of 8 tokens; s1 shares them and is held back
+    for them; ``low``, of lower priority and sharing nothing, arrives after both."""
+    sched = make(long_prefill_token_threshold=8, **cfg)
+    shared = list(range(500, 524))
+    seqs = [Sequence(request_id=f"s{i}", token_ids=shared + [600 + i] * 8, num_prompt_tokens=32,
+                     params=SamplingParams(max_tokens=2), arrival=float(i)) for i in range(2)]
+    low = make_seq("low", 8, priority=1, arrival=2.0, max_tokens=2, first=900)
+    for s in (*seqs, low):
+        sched.add(s)
+    return sched, seqs, low
+
+
+def test_a_held_request_keeps_its_sequence_slot_from_lower_priority_ones():
+    sched, (s0, s1), low = _held_scene(max_num_seqs=2, max_num_batched_tokens=200)
+    order = []
+    while sched.has_work():
+        out = sched.schedule()
+        order += [s.seq.request_id for s in out.scheduled if s.seq.request_id not in order]
+        run_step(sched, out)
+    assert order == ["s0", "s1", "low"]
+    assert s1.num_ridden_tokens == 8  # it waited for s0's chunks and rode the last one
+    sched.bm.check_integrity()
+
+
+def test_a_held_request_keeps_the_blocks_of_its_first_chunk_from_lower_priority_ones():
+    # s0's first chunk takes 2 of 5 blocks; s1's own 8 tokens need 2; low's need 2
+    sched, (s0, s1), low = _held_scene(num_blocks=5, max_num_batched_tokens=200)
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["s0"]
+    assert sched.bm.num_free_blocks == 3 and low.status == SequenceStatus.WAITING
+    # without s1 held back, low fits beside s0
+    sched, (s0, s1), low = _held_scene(num_blocks=5, max_num_batched_tokens=200)
+    sched.remove(s1)
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["s0", "low"]
