@@ -299,13 +299,15 @@ class Router:
                         first = False
                         act.lease = None  # the decode worker has pulled and released it
                         now = time.monotonic()
-                        self._observe_handoff(res.handle, now - t0)
+                        nbytes = (chunk.handoff_bytes if chunk.handoff_bytes is not None
+                                  else res.handle.num_blocks * res.handle.bytes_per_block)
+                        self._observe_handoff(nbytes, now - t0)
                         self.timings.append({
                             "request_id": req.request_id, "queue_s": res.queue_seconds,
                             "prefill_s": res.prefill_seconds - res.queue_seconds,
                             "first_token_s": t_prefilled - t_start,
                             "second_token_s": now - t_start,
-                            "handoff_bytes": res.handle.num_blocks * res.handle.bytes_per_block})
+                            "handoff_bytes": nbytes})
                     yield chunk
                 return
             except ray.exceptions.RayTaskError as e:
@@ -346,8 +348,9 @@ class Router:
         rest.sort(key=lambda w: -(w.load.free_blocks if w.load else 0))
         return [first, *rest]
 
-    def _observe_handoff(self, handle: Any, seconds: float) -> None:
-        nbytes = handle.num_blocks * handle.bytes_per_block
+    def _observe_handoff(self, nbytes: int, seconds: float) -> None:
+        """``nbytes``: what the handoff moved (not the blocks the decode worker had cached:
+        counting them would read a fast link into a handoff that moved little)."""
         self.counters["handoff_bytes"] += nbytes
         self.counters["handoffs"] += 1
         self.counters["handoff_seconds"] += seconds

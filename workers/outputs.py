@@ -30,6 +30,9 @@ class TokenChunk:
     error: str | None = None
     index: int = 0  # which sample of an n > 1 request (a sample ends at its finish_reason)
     beams: tuple = ()  # beam search: BeamResult per returned beam, best first (final chunk)
+    # the first chunk a decode worker streams after a P/D handoff: the KV bytes that reached
+    # it (blocks it held in its prefix cache were not moved)
+    handoff_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

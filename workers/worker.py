@@ -112,6 +112,7 @@ class Worker:
         self.channel_ranks: dict[str, int] = {}  # worker id -> rank in the channel
         self.num_channel_failures = 0
         self.num_pushed = 0  # handoffs whose blocks the source pushed (and that arrived)
+        self.num_handoff_bytes = 0  # KV bytes received in handoffs
 
     # -- whole requests on this worker (colocated / direct path) ------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
@@ -236,9 +237,15 @@ class Worker:
             except asyncio.CancelledError:
                 self.aengine.abort(rid)  # the inbox is FIFO: this frees the reservation
                 raise
+            moved = 0  # bytes that crossed the link (a push carries the whole lease)
             try:
                 if incoming is not None:
-                    payload = await self._pushed_blocks(handle, incoming, start_block)
+                    pushed_blocks = await self._pushed_blocks(handle, incoming)
+                    if pushed_blocks is not None:
+                        moved = pushed_blocks.nbytes
+                        if start_block < pushed_blocks.num_blocks:
+                            payload = replace(pushed_blocks,
+                                              data=pushed_blocks.data[:, :, start_block:])
                 elif start_block < handle.num_blocks and ask is not None:
                     payload = await self._pull_channel(handle, start_block, ask)
                 if start_block < handle.num_blocks and pull is not None and payload is None:
@@ -250,7 +257,8 @@ class Worker:
                 if release is not None:  # off the first token's path; awaited when it ends
                     releasing = asyncio.ensure_future(_release(release, handle))
             ok = payload is not None or start_block >= handle.num_blocks
-            nbytes = payload.nbytes if payload is not None else 0
+            nbytes = max(moved, payload.nbytes if payload is not None else 0)
+            self.num_handoff_bytes += nbytes
             via = ("collective" if isinstance(payload, DeviceBlocks) else self.pull_via
                    if payload is not None else "cached" if ok else "recompute")
             wire = payload.wire_seconds if isinstance(payload, DeviceBlocks) else 0.0
@@ -266,7 +274,11 @@ class Worker:
         else:
             start = lambda e: e.admit_recompute(state)  # noqa: E731
         try:
+            tag = handle is not None  # the first chunk says what the handoff moved
             async for chunk in self._timed(self.aengine.stream(rid, start)):
+                if tag:
+                    tag = False
+                    chunk = replace(chunk, handoff_bytes=nbytes)
                 yield chunk
         except RequestAbortedError:  # nothing was admitted: end the stream, never hang it
             usage = Usage(state.num_prompt_tokens, len(state.token_ids) - state.num_prompt_tokens,
@@ -288,9 +300,9 @@ class Worker:
         consume_outcome(task)
         return task
 
-    async def _pushed_blocks(self, handle: KVHandle, incoming: asyncio.Future,
-                             start_block: int) -> DeviceBlocks | None:
-        """The pushed lease from ``start_block`` on (blocks before it were hits here)."""
+    async def _pushed_blocks(self, handle: KVHandle, incoming: asyncio.Future
+                             ) -> DeviceBlocks | None:
+        """The pushed lease, whole (None, after logging why, if it failed)."""
         try:
             blocks = await asyncio.shield(incoming)
         except KVChannelError as e:
@@ -300,9 +312,7 @@ class Worker:
                            self.pull_via)
             return None
         self.num_pushed += 1
-        if start_block >= blocks.num_blocks:
-            return None
-        return replace(blocks, data=blocks.data[:, :, start_block:])
+        return blocks
 
     async def drop_pushed(self, handle: KVHandle, tid: int) -> None:
         """Read a push whose request went elsewhere (or away) off the channel."""
@@ -382,7 +392,8 @@ class Worker:
                     "spec_accepted": e.spec.num_accepted if e.spec else 0,
                     "corrupt_pulls": self.num_corrupt_pulls,
                     "channel_failures": self.num_channel_failures,
-                    "pushed_handoffs": self.num_pushed}
+                    "pushed_handoffs": self.num_pushed,
+                    "handoff_bytes": self.num_handoff_bytes}
 
         return await self.aengine.acall(read)
 

@@ -174,6 +174,46 @@ def test_a_prefix_computed_on_one_worker_is_imported_by_another(cluster, smol_en
     assert_clean(cluster)
 
 
+def test_a_handoff_moves_and_counts_only_the_blocks_the_decode_worker_lacks(cluster,
+                                                                            smol_engine) -> None:
+    """The decode worker that served a prompt holds its full blocks: a longer prompt on the
+    same prefix, handed to it from the other prefill worker, moves only the rest, and the
+    router's byte count (and link estimate) takes what moved, not the whole lease."""
+    p_a, p_b = cluster.worker_ids("prefill")
+    d_a, _ = cluster.worker_ids("decode")
+    engine = smol_engine()
+    base = engine.encode_prompt("Handoff bytes test. " + _long_system_prompt()[:300])
+    ids = base + engine.encode_prompt(" Which rule covers item 9?")
+    k = len(base) // BS
+
+    async def scenario():
+        router = PinnedRouter(cluster.config, cluster.model_path, cluster.workers, cluster.index)
+        router.plans = [Placement("pd", p_a, d_a, None, 0, 0, 0.0),
+                        Placement("pd", p_b, d_a, None, 0, 0, 0.0)]
+        await router.start()
+        try:
+            seen = []
+            for rid, prompt in (("bytes-base", base), ("bytes-longer", ids)):
+                req = RouterRequest(rid, prompt_token_ids=tuple(prompt), params=GREEDY)
+                before = (await cluster.actor(d_a).stats.remote())["handoff_bytes"]
+                out = [c async for c in router.generate(req)]
+                after = (await cluster.actor(d_a).stats.remote())["handoff_bytes"]
+                seen.append((out, router.counters["handoff_bytes"], after - before))
+            return seen
+        finally:
+            await router.shutdown()
+
+    (out1, moved1, d1), (out2, total, d2) = asyncio.run(scenario())
+    n1, n2 = -(-len(base) // BS), -(-len(ids) // BS)
+    block_bytes, rest = divmod(moved1, n1)
+    assert rest == 0 and block_bytes > 0 and d1 == moved1
+    tagged = [[c.handoff_bytes for c in out if c.handoff_bytes is not None] for out in (out1, out2)]
+    assert tagged[0] == [moved1]  # on the decode worker's first chunk only
+    assert total - moved1 == d2 == (n2 - k) * block_bytes  # not n2 blocks: k were cached there
+    assert tagged[1] == [d2] and len(tokens(out2)) == GREEDY.max_tokens
+    assert_clean(cluster)
+
+
 def test_a_corrupted_transfer_is_detected_and_the_output_stays_exact(cluster, reference) -> None:
     prefill = [cluster.actor(w) for w in cluster.worker_ids("prefill")]
 
