@@ -91,6 +91,8 @@ class ClusterConfig:
     # Collective transport: the prefill worker pushes a request's blocks to the decode
     # worker the router chose as its prefill ends; False: the decode worker asks for them.
     kv_push: bool = True
+    # The router starts a new worker (a new id, the same role) in place of one that died.
+    replace_dead_workers: bool = True
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
     # Custom Ray resources for the router and index actors (e.g. {"head": 0.01}) so that
@@ -123,6 +125,9 @@ class ClusterConfig:
             raise _bad("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
         if not isinstance(self.kv_push, bool):
             raise _bad("kv_push", f"must be true or false, got {self.kv_push!r}")
+        if not isinstance(self.replace_dead_workers, bool):
+            raise _bad("replace_dead_workers",
+                       f"must be true or false, got {self.replace_dead_workers!r}")
         if self.kv_channel_timeout_s <= 0:
             raise _bad("kv_channel_timeout_s", f"must be > 0, got {self.kv_channel_timeout_s}")
         if self.lease_seconds <= 0:

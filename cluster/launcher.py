@@ -12,36 +12,14 @@ from typing import Any
 
 import ray
 
-from pdserve.cluster.config import ClusterConfig, RoleConfig
+from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.prefix_index_actor import PrefixIndexActor
 from pdserve.cluster.router import RouterActor, RouterRequest
-from pdserve.workers.actors import EngineWorkerActor
-from pdserve.workers.config import EngineConfig
+from pdserve.cluster.spawn import spawn_worker
 from pdserve.workers.kv_channel import ChannelSpec
 from pdserve.workers.outputs import TokenChunk
 
 logger = logging.getLogger(__name__)
-
-
-def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> EngineConfig:
-    threads = max(1, int(role.num_cpus)) if cfg.device == "cpu" else None
-    return EngineConfig(model=cfg.model, dtype=cfg.dtype, quantization=cfg.quantization,
-                        kv_cache_dtype=cfg.kv_cache_dtype,
-                        device=cfg.device,
-                        block_size=cfg.block_size, num_blocks=role.num_blocks,
-                        max_num_seqs=role.max_num_seqs,
-                        max_num_batched_tokens=role.max_num_batched_tokens,
-                        max_model_len=cfg.max_model_len,
-                        enable_prefix_caching=cfg.enable_prefix_caching, seed=cfg.seed,
-                        eviction_policy=cfg.eviction_policy,
-                        cache_ttl_seconds=cfg.cache_ttl_seconds,
-                        tenant_quota_blocks=cfg.tenant_quota_blocks,
-                        session_ttl_seconds=cfg.session_ttl_seconds,
-                        worker_id=worker_id, cpu_threads=threads,
-                        speculative_method=cfg.speculative_method if role is cfg.decode else None,
-                        num_speculative_tokens=cfg.num_speculative_tokens,
-                        speculative_draft_model=cfg.speculative_draft_model,
-                        async_scheduling=cfg.async_scheduling)
 
 
 def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> bool:
@@ -105,15 +83,9 @@ class PDCluster:
         transport = config.resolved_transport()
         workers: dict[str, tuple[str, Any]] = {}
         for role_name in ("prefill", "decode"):
-            role: RoleConfig = getattr(config, role_name)
-            for i in range(role.replicas):
+            for i in range(getattr(config, role_name).replicas):
                 wid = f"{role_name}-{i}-{suffix}"
-                actor = EngineWorkerActor.options(
-                    name=wid, num_cpus=role.num_cpus, num_gpus=role.num_gpus,
-                    resources=dict(role.resources) or None,
-                ).remote(engine_config(config, role, wid), role_name, index, transport,
-                         config.lease_seconds, model_path, config.server.host)
-                workers[wid] = (role_name, actor)
+                workers[wid] = (role_name, spawn_worker(config, role_name, wid, index, model_path))
         ray.get([a.start.remote() for _, a in workers.values()])
         if transport == "collective":
             form_channel(config, workers)
@@ -133,13 +105,20 @@ class PDCluster:
         return [ray.get(ref) for ref in self.router.generate.remote(request)]
 
     def actor(self, worker_id: str) -> Any:
+        if worker_id not in self.workers:  # a replacement the router started
+            return ray.get(self.router.worker_handles.remote(), timeout=30)[worker_id][1]
         return self.workers[worker_id][1]
 
     def worker_ids(self, role: str) -> list[str]:
+        """The workers started with the cluster (see the router for replacements)."""
         return [w for w, (r, _) in self.workers.items() if r == role]
 
     def shutdown(self) -> None:
-        for _, a in self.workers.values():
+        workers = dict(self.workers)
+        with contextlib.suppress(Exception):  # and the router's replacements of dead ones
+            ray.get(self.router.shutdown.remote(), timeout=10)
+            workers.update(ray.get(self.router.worker_handles.remote(), timeout=10))
+        for _, a in workers.values():
             with contextlib.suppress(Exception):
                 ray.get(a.shutdown.remote(), timeout=10)
             ray.kill(a)

@@ -7,6 +7,7 @@ here so that no request hangs and no lease is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.placement import CostParams, Placement, place
+from pdserve.cluster.spawn import spawn_worker
 from pdserve.workers.block_manager import hash_prompt_blocks
 from pdserve.workers.disagg_engine import SeqState
 from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError, UnavailableError
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
 LOAD_POLL_S = 0.1
+# A replacement that fails to start is tried again after this, doubling up to the cap.
+REPLACE_BACKOFF_S, REPLACE_BACKOFF_MAX_S = 1.0, 60.0
 MAX_ATTEMPTS = 3
 
 
@@ -82,7 +86,9 @@ class Router:
         self.counters: dict[str, float] = {"requests": 0, "pd": 0, "direct": 0, "retries": 0,
                                            "prefix_imports": 0, "handoff_bytes": 0,
                                            "handoffs": 0, "handoff_seconds": 0.0,
-                                           "recomputed": 0}
+                                           "recomputed": 0, "replacements": 0}
+        self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
+        self._closing = False
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # lease clean-ups outliving a request
         self.timings: deque[dict] = deque(maxlen=4096)  # per P/D request, for benchmarks
@@ -114,7 +120,7 @@ class Router:
             except (TimeoutError, Exception):
                 logger.debug("load poll of %s failed", w.worker_id, exc_info=True)
 
-        await asyncio.gather(*(one(w) for w in self.workers.values() if w.alive))
+        await asyncio.gather(*(one(w) for w in list(self.workers.values()) if w.alive))
 
     async def _poll_loads(self) -> None:
         while True:
@@ -130,6 +136,40 @@ class Router:
             await self.index.remove_worker.remote(w.worker_id)
         except Exception:
             logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
+        if self.config.replace_dead_workers and not self._closing:
+            self._spawn(self._replace(w))
+
+    async def _replace(self, dead: _WorkerRef) -> None:
+        """Start a worker of ``dead``'s role under a new id, as often as it takes: Ray holds
+        the actor pending while the cluster has no room for it (an autoscaler may add a
+        node), and one that fails to start is tried again after a backoff. A replacement
+        joins without the KV channel, which is formed once at start-up: its handoffs use the
+        object store (every peer's channel lacks its id, so none tries to reach it there)."""
+        with contextlib.suppress(Exception):  # an unreachable one must not hold its GPU on
+            ray.kill(dead.actor)
+        base = dead.worker_id.split("~")[0]
+        delay = REPLACE_BACKOFF_S
+        while not self._closing:
+            self._generation += 1
+            wid = f"{base}~{self._generation}"
+            actor = spawn_worker(self.config, dead.role, wid, self.index, self.model_path)
+            try:
+                await actor.start.remote()
+                load = await actor.load.remote()
+            except Exception as e:
+                logger.warning("replacement %s of %s failed to start (%r); next try in %.0f s",
+                               wid, dead.worker_id, e, delay)
+                ray.kill(actor)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, REPLACE_BACKOFF_MAX_S)
+                continue
+            if self._closing:  # shut down while it started
+                ray.kill(actor)
+                return
+            self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
+            self.counters["replacements"] += 1
+            logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
+            return
 
     def _alive(self, role: str) -> list[_WorkerRef]:
         return [w for w in self.workers.values() if w.alive and w.role == role and w.load]
@@ -231,7 +271,7 @@ class Router:
                 self.counters["retries"] += 1
                 logger.warning("request %s: worker died (%s); retry %d", req.request_id,
                                type(e).__name__, attempt + 1)
-                for w in self.workers.values():
+                for w in list(self.workers.values()):
                     if w.alive and w.actor is not None and act.holder is w:
                         await self._mark_dead(w)
                 if act.lease is not None and act.lease[0].alive:  # the decode side died
@@ -377,7 +417,7 @@ class Router:
     # -- introspection ------------------------------------------------------------------
     async def worker_stats(self) -> dict[str, dict]:
         out = {}
-        for w in self.workers.values():
+        for w in list(self.workers.values()):
             if w.alive:
                 try:
                     load = w.load  # the last polled queue lengths (for metrics)
@@ -412,6 +452,7 @@ class Router:
     async def stats(self) -> dict:
         return {"counters": dict(self.counters), "link_bytes_per_s": self.link_bytes_per_s,
                 "alive": {w.worker_id: w.alive for w in self.workers.values()},
+                "roles": {w.worker_id: w.role for w in self.workers.values()},
                 "active": len(self.active)}
 
     async def model_info(self) -> dict:
@@ -423,7 +464,12 @@ class Router:
     async def ready(self) -> bool:
         return self.prompts is not None and bool(self._alive("decode"))
 
+    async def worker_handles(self) -> dict[str, tuple[str, Any]]:
+        """Every worker this router has had, replacements included: id -> (role, actor)."""
+        return {w.worker_id: (w.role, w.actor) for w in self.workers.values()}
+
     async def shutdown(self) -> None:
+        self._closing = True
         if self._poller is not None:
             self._poller.cancel()
 

@@ -78,8 +78,9 @@ def counters(cluster: Any) -> dict[str, float]:
 
 
 def live_workers(cluster: Any, role: str | None = None) -> list[str]:
-    alive = router_stats(cluster)["alive"]
-    return [w for w, (r, _) in cluster.workers.items() if alive[w] and role in (None, r)]
+    """The router's live workers (of one role), replacements of dead ones included."""
+    stats = router_stats(cluster)
+    return [w for w, up in stats["alive"].items() if up and role in (None, stats["roles"][w])]
 
 
 def worker_stats(cluster: Any, role: str | None = None) -> dict[str, dict]:

@@ -1,8 +1,9 @@
 """End to end on a 2 prefill + 2 decode cluster over the Ray object store: exact greedy output,
 a corrupted handoff, a prompt every decode worker refuses, then failures. Killing a prefill
 worker in the middle of a request, and a decode worker in the middle of its streams, must
-neither hang nor give a wrong answer, and the cluster must keep serving. The tests run in file
-order: the last ones destroy workers.
+neither hang nor give a wrong answer, and the cluster must keep serving; the router replaces
+the dead workers, and a cluster whose every worker died heals. The tests run in file order:
+the last ones destroy workers.
 """
 
 from __future__ import annotations
@@ -173,9 +174,21 @@ def test_killing_a_decode_worker_mid_stream(cluster, reference) -> None:
     reference.check(PROMPTS[1], tokens(chunks))
 
 
-def test_survivors_are_clean_and_the_index_matches_them(cluster) -> None:
-    alive = live_workers(cluster)
-    assert len(alive) == 2 and {cluster.workers[w][0] for w in alive} == {"prefill", "decode"}
+def replaced_cluster(cluster, replacements: int, timeout: float = 240.0) -> list[str]:
+    """Wait until the router runs two workers of each role again, ``replacements`` of them
+    started in place of dead ones; returns the live ids."""
+    def full():
+        alive, roles = live_workers(cluster), router_stats(cluster)["roles"]
+        n_new = sum("~" in w for w in alive)
+        ok = sorted(roles[w] for w in alive) == ["decode"] * 2 + ["prefill"] * 2
+        return alive if ok and n_new == replacements else None
+
+    return wait_for(full, timeout=timeout, what=f"{replacements} replacement workers")
+
+
+def test_dead_workers_are_replaced_and_the_index_matches_every_worker(cluster) -> None:
+    alive = replaced_cluster(cluster, 2)  # one per kill above
+    assert counters(cluster)["replacements"] == 2
     assert_clean(cluster)
     ray.get([cluster.actor(w).flush_events.remote() for w in alive])
     for w in alive:
@@ -183,3 +196,14 @@ def test_survivors_are_clean_and_the_index_matches_them(cluster) -> None:
             ray.get(cluster.actor(w).cached_hashes.remote()))
     for w in set(cluster.workers) - set(alive):
         assert ray.get(cluster.index.snapshot.remote(w)) == set()
+
+
+def test_a_cluster_whose_every_worker_died_heals_and_stays_exact(cluster, reference) -> None:
+    """Kill every worker the cluster started with that is still alive: the router replaces
+    them, and the P/D path runs on replacements alone, token for token as before."""
+    for w in live_workers(cluster):
+        if "~" not in w:
+            ray.kill(cluster.actor(w))
+    alive = replaced_cluster(cluster, 4)
+    assert all("~" in w for w in alive) and counters(cluster)["replacements"] == 4
+    assert check_greedy_2p2d(cluster, reference)["direct"] == 0

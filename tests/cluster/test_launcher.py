@@ -9,8 +9,8 @@ import ray
 from pd_util import GREEDY, PROMPTS, assert_clean, counters, drain, tokens
 
 from pdserve.cluster.config import ClusterConfig
-from pdserve.cluster.launcher import engine_config
 from pdserve.cluster.router import RouterRequest
+from pdserve.cluster.spawn import engine_config
 from pdserve.workers.errors import InvalidRequestError
 from pdserve.workers.sampling_params import SamplingParams
 

@@ -354,7 +354,7 @@ def test_bad_cache_options_are_refused_naming_the_field(kwargs, field):
 
 def test_cluster_config_reaches_the_engine_config():
     from pdserve.cluster.config import ClusterConfig
-    from pdserve.cluster.launcher import engine_config
+    from pdserve.cluster.spawn import engine_config
 
     cfg = ClusterConfig.from_dict({"eviction_policy": "ttl", "cache_ttl_seconds": 9.0,
                                    "tenant_quota_blocks": 100, "session_ttl_seconds": 60.0})
