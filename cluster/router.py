@@ -89,6 +89,7 @@ class Router:
                                            "recomputed": 0, "replacements": 0}
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
         self._closing = False
+        self._replacing: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # lease clean-ups outliving a request
         self.timings: deque[dict] = deque(maxlen=4096)  # per P/D request, for benchmarks
@@ -137,7 +138,9 @@ class Router:
         except Exception:
             logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
         if self.config.replace_dead_workers and not self._closing:
-            self._spawn(self._replace(w))
+            task = asyncio.get_running_loop().create_task(self._replace(w))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
 
     async def _replace(self, dead: _WorkerRef) -> None:
         """Start a worker of ``dead``'s role under a new id, as often as it takes: Ray holds
@@ -156,6 +159,9 @@ class Router:
             try:
                 await actor.start.remote()
                 load = await actor.load.remote()
+            except asyncio.CancelledError:  # shut down while it was pending or starting
+                ray.kill(actor)
+                raise
             except Exception as e:
                 logger.warning("replacement %s of %s failed to start (%r); next try in %.0f s",
                                wid, dead.worker_id, e, delay)
@@ -472,6 +478,8 @@ class Router:
         self._closing = True
         if self._poller is not None:
             self._poller.cancel()
+        for task in list(self._replacing):
+            task.cancel()
 
 
 RouterActor = ray.remote(max_concurrency=10000)(Router)
