@@ -11,11 +11,13 @@ the search ends when no running beam can beat the worst kept hypothesis, when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from pdserve.workers.sequence import Sequence
+from pdserve.workers.outputs import TokenChunk, Usage
+from pdserve.workers.sequence import FinishReason, Sequence, SequenceStatus
 
 NEG = -1.0e9
 
@@ -88,3 +90,48 @@ class BeamGroup:
 
     def results(self, n: int) -> list[BeamResult]:
         return [BeamResult(toks, score) for score, toks in self.finished[:n]]
+
+
+def step_group(g: BeamGroup, scheduler: Any, block_manager: Any, tokenizer: Any
+               ) -> TokenChunk | None:
+    """One step of a group whose beams' rows are all in: the next beams (a beam with two
+    children forks, sharing its blocks; one with none leaves the scheduler), or, when the
+    search is over, its final chunk (every beam removed; the caller drops the request)."""
+    running, done = g.select()
+    if done:
+        first = g.beams[0]
+        for b in g.beams:
+            scheduler.remove(b)
+        results = [replace(r, text=tokenizer.decode(
+            r.token_ids, skip_special_tokens=first.params.skip_special_tokens))
+            for r in g.results(first.params.n)]
+        best = results[0]
+        stopped = bool(best.token_ids) and best.token_ids[-1] in g.eos_ids
+        first.finish_reason = FinishReason.STOP if stopped else FinishReason.LENGTH
+        usage = Usage(g.num_prompt_tokens, len(best.token_ids), first.num_cached_tokens)
+        return TokenChunk(g.request_id, best.token_ids, best.text, finished=True,
+                          finish_reason=first.finish_reason.value, usage=usage,
+                          beams=tuple(results))
+    old, used = g.beams, set()
+    new: list[tuple[Sequence, int, float]] = []
+    for parent, token, score in running:
+        p = old[parent]
+        if parent in used:  # a second child of the same beam: share its blocks
+            child = replace(p, token_ids=list(p.token_ids), block_table=[],
+                            block_hashes=[], seq_id=f"{g.request_id}#{len(old) + g.forks}")
+            g.forks += 1
+            block_manager.fork(p, child)
+            child.status = SequenceStatus.RUNNING
+            scheduler.running.append(child)
+            new.append((child, token, score))
+        else:
+            used.add(parent)
+            new.append((p, token, score))
+    for i, p in enumerate(old):
+        if i not in used:
+            scheduler.remove(p)
+    for seq, token, _ in new:
+        seq.token_ids.append(token)
+    g.beams = [s for s, _, _ in new]
+    g.scores = [sc for _, _, sc in new]
+    return None

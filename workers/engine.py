@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pdserve.workers.attention import make_attention_backend
-from pdserve.workers.beam import BeamGroup
+from pdserve.workers.beam import BeamGroup, step_group
 from pdserve.workers.block_manager import BlockManager
 from pdserve.workers.config import EngineConfig
 from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets
@@ -26,7 +26,7 @@ from pdserve.workers.sampler import Logprobs, Sampler
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.scheduler import Scheduler, SchedulerConfig
 from pdserve.workers.sequence import FinishReason, Sequence, SequenceStatus
-from pdserve.workers.spec_decode import SpecConfig, SpecDecoder, verify
+from pdserve.workers.spec_decode import SpecConfig, SpecDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -330,13 +330,8 @@ class LLMEngine:
                 r += 1
                 continue
             k = len(seq.drafts)
-            drafts, seq.drafts = seq.drafts, []
-            q, seq.draft_probs = seq.draft_probs, None
-            emit = verify(seq, drafts, logits[r:r + k + 1], q)
+            emit = self.spec.settle(seq, logits[r:r + k + 1])
             r += k + 1
-            del seq.token_ids[-k:]  # back to the verified sequence, then append what holds
-            accepted = len(emit) - 1
-            self.spec.record(seq, k, accepted)
             base = seq.num_tokens
             for tok in emit:
                 chunk = self._append_token(seq, tok, None)
@@ -345,7 +340,7 @@ class LLMEngine:
                 if seq.is_finished:
                     break
             if not seq.is_finished:
-                seq.num_computed_tokens = base + accepted  # KV holds T + accepted drafts
+                seq.num_computed_tokens = base + len(emit) - 1  # KV holds T + accepted drafts
                 self.block_manager.truncate(seq)
                 self.block_manager.commit(seq)
         return rest, logits[rows]
@@ -374,51 +369,11 @@ class LLMEngine:
                 groups[id(s.beam)] = s.beam
         for g in groups.values():
             if g.ready():
-                chunk = self._beam_step(g)
-                if chunk is not None:
+                chunk = step_group(g, self.scheduler, self.block_manager, self.tokenizer)
+                if chunk is not None:  # the search ended
+                    self.requests.pop(g.request_id, None)
                     chunks.append(chunk)
         return [seqs[i] for i in keep], logits[keep]
-
-    def _beam_step(self, g: BeamGroup) -> TokenChunk | None:
-        running, done = g.select()
-        if done:
-            first = g.beams[0]
-            for b in g.beams:
-                self.scheduler.remove(b)
-            self.requests.pop(g.request_id, None)
-            results = [replace(r, text=self.tokenizer.decode(
-                r.token_ids, skip_special_tokens=first.params.skip_special_tokens))
-                for r in g.results(first.params.n)]
-            best = results[0]
-            stopped = bool(best.token_ids) and best.token_ids[-1] in g.eos_ids
-            first.finish_reason = FinishReason.STOP if stopped else FinishReason.LENGTH
-            usage = Usage(g.num_prompt_tokens, len(best.token_ids), first.num_cached_tokens)
-            return TokenChunk(g.request_id, best.token_ids, best.text, finished=True,
-                              finish_reason=first.finish_reason.value, usage=usage,
-                              beams=tuple(results))
-        old, used = g.beams, set()
-        new: list[tuple[Sequence, int, float]] = []
-        for parent, token, score in running:
-            p = old[parent]
-            if parent in used:  # a second child of the same beam: share its blocks
-                child = replace(p, token_ids=list(p.token_ids), block_table=[],
-                                block_hashes=[], seq_id=f"{g.request_id}#{len(old) + g.forks}")
-                g.forks += 1
-                self.block_manager.fork(p, child)
-                child.status = SequenceStatus.RUNNING
-                self.scheduler.running.append(child)
-                new.append((child, token, score))
-            else:
-                used.add(parent)
-                new.append((p, token, score))
-        for i, p in enumerate(old):
-            if i not in used:
-                self.scheduler.remove(p)
-        for seq, token, _ in new:
-            seq.token_ids.append(token)
-        g.beams = [s for s, _, _ in new]
-        g.scores = [sc for _, _, sc in new]
-        return None
 
     def housekeeping(self) -> None:
         """Between steps: expire idle sessions and cached blocks (the P/D engine adds leases)."""

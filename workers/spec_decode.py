@@ -158,6 +158,17 @@ class SpecDecoder:
                 seq.draft_probs = q
                 seq.token_ids.extend(drafts)
 
+    def settle(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """Verify ``seq``'s k drafts against its k + 1 rows of target ``logits`` and take
+        them off its tokens (the caller appends what holds); returns the tokens to emit."""
+        k = len(seq.drafts)
+        drafts, seq.drafts = seq.drafts, []
+        q, seq.draft_probs = seq.draft_probs, None
+        emit = verify(seq, drafts, logits, q)
+        del seq.token_ids[-k:]
+        self.record(seq, k, len(emit) - 1)
+        return emit
+
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         self.num_proposed += proposed
         self.num_accepted += accepted
