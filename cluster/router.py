@@ -20,7 +20,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.placement import CostParams, Placement, place
-from pdserve.cluster.spawn import spawn_worker
+from pdserve.cluster.spawn import form_channel, spawn_worker
 from pdserve.workers.block_manager import hash_prompt_blocks
 from pdserve.workers.disagg_engine import SeqState
 from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError, UnavailableError
@@ -86,7 +86,8 @@ class Router:
         self.counters: dict[str, float] = {"requests": 0, "pd": 0, "direct": 0, "retries": 0,
                                            "prefix_imports": 0, "handoff_bytes": 0,
                                            "handoffs": 0, "handoff_seconds": 0.0,
-                                           "recomputed": 0, "replacements": 0}
+                                           "recomputed": 0, "replacements": 0,
+                                           "channels_formed": 0}
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
         self._closing = False
         self._replacing: set[asyncio.Task] = set()
@@ -145,9 +146,10 @@ class Router:
     async def _replace(self, dead: _WorkerRef) -> None:
         """Start a worker of ``dead``'s role under a new id, as often as it takes: Ray holds
         the actor pending while the cluster has no room for it (an autoscaler may add a
-        node), and one that fails to start is tried again after a backoff. A replacement
-        joins without the KV channel, which is formed once at start-up: its handoffs use the
-        object store (every peer's channel lacks its id, so none tries to reach it there)."""
+        node), and one that fails to start is tried again after a backoff. With the
+        collective transport, it forms a KV channel of its own with the live workers of the
+        other role before it takes requests (a process group cannot take a new rank): if that
+        fails, its handoffs use the object store."""
         with contextlib.suppress(Exception):  # an unreachable one must not hold its GPU on
             ray.kill(dead.actor)
         base = dead.worker_id.split("~")[0]
@@ -172,6 +174,14 @@ class Router:
             if self._closing:  # shut down while it started
                 ray.kill(actor)
                 return
+            if self.config.resolved_transport() == "collective":
+                other = "decode" if dead.role == "prefill" else "prefill"
+                members = {wid: (dead.role, actor),
+                           **{w.worker_id: (w.role, w.actor) for w in self._alive(other)}}
+                if len(members) > 1:  # rank 0, the replacement, serves the rendezvous
+                    joined = await asyncio.get_running_loop().run_in_executor(
+                        None, form_channel, self.config, members)
+                    self.counters["channels_formed"] += joined
             self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)

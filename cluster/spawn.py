@@ -1,13 +1,19 @@
-"""Making a worker actor from the cluster config: at start-up (the launcher) and when a dead
-worker is replaced (the router)."""
+"""Making worker actors from the cluster config and joining them into a KV channel: at
+start-up (the launcher) and when a dead worker is replaced (the router)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import ray
 
 from pdserve.cluster.config import ClusterConfig, RoleConfig
 from pdserve.workers.actors import EngineWorkerActor
 from pdserve.workers.config import EngineConfig
+from pdserve.workers.kv_channel import ChannelSpec
+
+logger = logging.getLogger(__name__)
 
 
 def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> EngineConfig:
@@ -41,3 +47,28 @@ def spawn_worker(config: ClusterConfig, role_name: str, worker_id: str, index: A
         resources=dict(role.resources) or None,
     ).remote(engine_config(config, role, worker_id), role_name, index,
              config.resolved_transport(), config.lease_seconds, model_path, config.server.host)
+
+
+def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> bool:
+    """Join every worker into the KV channel (rank 0's node serves the rendezvous store),
+    then have each decode worker make one empty transfer with each prefill worker. On
+    failure the workers keep the object store (a worker without a channel is never asked
+    to use one); returns whether the channel is up."""
+    ids = list(workers)
+    ranks = {wid: i for i, wid in enumerate(ids)}
+    timeout = config.kv_channel_timeout_s
+    try:
+        host, port = ray.get(workers[ids[0]][1].channel_listen.remote(), timeout=timeout)
+        backend = config.channel_backend()
+        ray.get([workers[w][1].channel_connect.remote(
+            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), ranks) for w in ids],
+            timeout=timeout + 30)
+        sources = {w: a for w, (r, a) in workers.items() if r == "prefill"}
+        ray.get([a.channel_ping.remote(sources) for r, a in workers.values() if r == "decode"],
+                timeout=timeout * (len(sources) + 1))
+    except Exception:
+        logger.warning("the KV channel could not be formed; handoffs use the object store",
+                       exc_info=True)
+        return False
+    logger.info("KV channel up: %d ranks over %s (rank 0 at %s:%d)", len(ids), backend, host, port)
+    return True

@@ -50,7 +50,7 @@ class EngineWorkerActor:
         self._faults: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._grpc_server = None
-        self._channel_store = None  # rank 0 of the KV channel: its rendezvous store
+        self._channel_stores: dict[int, Any] = {}  # port -> store, of channels it is rank 0 of
         # One push at a time: batches reach the index in seq order, and flush_events waits
         # for a push the background pusher has in flight.
         self._push_lock = asyncio.Lock()
@@ -113,7 +113,7 @@ class EngineWorkerActor:
                 await source.release.remote(h.lease_id)
 
         async def ask(h: KVHandle, start: int, tid: int) -> int:
-            return await source.send_lease.remote(h.lease_id, start, self.worker.channel.rank, tid)
+            return await source.send_lease.remote(h.lease_id, start, self.worker.worker_id, tid)
 
         channel = channel and self.transport == "collective" and source is not None
         async for chunk in self.worker.decode(state, handle, pull if source or handle else None,
@@ -148,38 +148,48 @@ class EngineWorkerActor:
     async def release(self, lease_id: str) -> bool:
         return await self.worker.release(lease_id)
 
-    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
+    async def send_lease(self, lease_id: str | None, start_block: int, peer_id: str,
                          transfer_id: int) -> int:
-        """Send a lease's blocks to ``peer`` over the KV channel (it is receiving them)."""
+        """Send a lease's blocks to worker ``peer_id`` over the KV channel (it is receiving
+        them)."""
         if self._faults.get("channel_header", 0) > 0:
             self._faults["channel_header"] -= 1
             transfer_id += 1  # a header for another transfer: the receiver must refuse it
         corrupt = self._faults.get("corrupt_channel", 0) > 0
         if corrupt:
             self._faults["corrupt_channel"] -= 1
-        return await self.worker.send_lease(lease_id, start_block, peer, transfer_id, corrupt)
+        return await self.worker.send_lease(lease_id, start_block, peer_id, transfer_id, corrupt)
 
     # -- the collective KV channel (transport "collective") ------------------------------
     def channel_listen(self) -> tuple[str, int]:
-        """Rank 0: open the channel's rendezvous store on a free port of this node."""
+        """Rank 0: open a channel's rendezvous store on a free port of this node."""
         host = ray.util.get_node_ip_address()
-        self._channel_store, port = kv_channel.listen(host)
+        store, port = kv_channel.listen(host)
+        self._channel_stores[port] = store
         return host, port
 
     async def channel_connect(self, spec: kv_channel.ChannelSpec, ranks: dict[str, int]) -> None:
-        """Join the channel (every rank at once: gloo connects all pairs here)."""
+        """Join a channel (every rank at once: gloo connects all pairs here). A peer that
+        already has a channel to this worker keeps it: a later channel (formed for a
+        replacement) serves only the pairs that had none."""
         host = ray.util.get_node_ip_address()
+        store = self._channel_stores.get(spec.port) if spec.rank == 0 else None
         channel = await asyncio.get_running_loop().run_in_executor(None, lambda: kv_channel.KVChannel(
-            spec, self.worker.engine.device, self._channel_store, host))
-        self.worker.channel, self.worker.channel_ranks = channel, dict(ranks)
+            spec, self.worker.engine.device, store, host))
+        w = self.worker
+        w.channels.append(channel)
+        for wid, rank in ranks.items():
+            if wid != w.worker_id:
+                w.links.setdefault(wid, (channel, rank))
 
     async def channel_ping(self, sources: dict[str, Any]) -> None:
         """An empty transfer from each source (prefill) worker, one after another (NCCL
         forms a pair's communicator on its first transfer: not during a request)."""
         w = self.worker
         for wid, actor in sources.items():
-            await w.channel.pull(w.channel_ranks[wid], w.engine.layout, 0, lambda tid, a=actor:
-                                 a.send_lease.remote(None, 0, w.channel.rank, tid))
+            ch, rank = w.links[wid]
+            await ch.pull(rank, w.engine.layout, 0, lambda tid, a=actor:
+                          a.send_lease.remote(None, 0, w.worker_id, tid))
 
     def _maybe_corrupt(self, payload: KVPayload) -> KVPayload:
         if self._faults.get("corrupt_export", 0) > 0 and payload.num_blocks:

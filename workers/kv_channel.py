@@ -1,6 +1,8 @@
 """A persistent point-to-point KV channel between workers over torch.distributed (NCCL from
 GPU to GPU, gloo between CPU processes): formed once when the cluster starts, then reused by
-every handoff, so a transfer costs a header and one contiguous message, not a set-up.
+every handoff, so a transfer costs a header and one contiguous message, not a set-up. (A
+replacement of a dead worker forms one more channel with its peers: a process group cannot
+take a new rank. Each worker keeps, per peer, the channel that reaches it.)
 
 One transfer (the decode worker D drives it; P holds the lease)::
 

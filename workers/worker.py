@@ -108,8 +108,10 @@ class Worker:
         self.handoff_log: deque[tuple[str, int, float, bool]] = deque(maxlen=4096)
         self.handoffs: deque[tuple[str, HandoffStats]] = deque(maxlen=4096)
         self.num_corrupt_pulls = 0  # pulls whose blocks failed their checksums (or digest)
-        self.channel: KVChannel | None = None
-        self.channel_ranks: dict[str, int] = {}  # worker id -> rank in the channel
+        # The KV channels this worker is in (the one formed at start-up, then one per
+        # replacement of a dead peer) and, per peer worker id, the channel to it and its rank.
+        self.channels: list[KVChannel] = []
+        self.links: dict[str, tuple[KVChannel, int]] = {}
         self.num_channel_failures = 0
         self.num_pushed = 0  # handoffs whose blocks the source pushed (and that arrived)
         self.num_handoff_bytes = 0  # KV bytes received in handoffs
@@ -161,10 +163,11 @@ class Worker:
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
         pushed = None
-        peer = None if push_to is None else self.channel_ranks.get(push_to)
-        if self.channel is not None and peer is not None and self.channel.usable(peer):
-            pushed = self.channel.new_transfer_id()
-            sent = self.channel.send(peer, pushed, self._gather(handle.lease_id, 0, corrupt))
+        link = None if push_to is None else self.links.get(push_to)
+        if link is not None and link[0].usable(link[1]):
+            ch, peer = link
+            pushed = ch.new_transfer_id()
+            sent = ch.send(peer, pushed, self._gather(handle.lease_id, 0, corrupt))
             consume_outcome(sent)  # a failure is logged by the channel
         return PrefillResult(first, handle, state, dt, queued, pushed)
 
@@ -186,14 +189,17 @@ class Worker:
     async def export_lease(self, lease_id: str, start_block: int) -> KVPayload:
         return await self.aengine.acall(lambda e: e.export_lease(lease_id, start_block))
 
-    async def send_lease(self, lease_id: str | None, start_block: int, peer: int,
+    async def send_lease(self, lease_id: str | None, start_block: int, peer_id: str,
                          transfer_id: int, corrupt: bool = False) -> int:
-        """The source side of a channel pull; returns the bytes sent. ``lease_id`` None: an
-        empty transfer (a ping). ``corrupt`` (a test hook) flips a byte after the digest."""
-        if self.channel is None:
-            raise KVChannelError("this worker has no KV channel", peer, broken=True)
+        """The source side of a channel pull to worker ``peer_id``; returns the bytes sent.
+        ``lease_id`` None: an empty transfer (a ping). ``corrupt`` (a test hook) flips a
+        byte after the digest."""
+        link = self.links.get(peer_id)
+        if link is None:
+            raise KVChannelError(f"no KV channel to {peer_id}", -1, broken=True)
+        ch, peer = link
         make = self._gather(lease_id, start_block, corrupt)
-        return await asyncio.wrap_future(self.channel.send(peer, transfer_id, make))
+        return await asyncio.wrap_future(ch.send(peer, transfer_id, make))
 
     async def release(self, lease_id: str) -> bool:
         return await self.aengine.acall(lambda e: e.release_lease(lease_id))
@@ -293,9 +299,10 @@ class Worker:
 
     def _take_pushed(self, handle: KVHandle, tid: int) -> asyncio.Future | None:
         """Start receiving a pushed transfer (None without a channel to its source)."""
-        ch, peer = self.channel, self.channel_ranks.get(handle.worker_id)
-        if ch is None or peer is None or handle.layout != self.engine.layout:
+        link = self.links.get(handle.worker_id)
+        if link is None or handle.layout != self.engine.layout:
             return None
+        ch, peer = link
         task = asyncio.ensure_future(ch.take(peer, tid, handle.layout))
         consume_outcome(task)
         return task
@@ -324,9 +331,10 @@ class Worker:
     async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
                             ) -> DeviceBlocks | None:
         """One try over the channel; None (after logging why) sends the caller to ``pull``."""
-        ch, peer = self.channel, self.channel_ranks.get(handle.worker_id)
-        if ch is None or peer is None or not ch.usable(peer) or handle.layout != self.engine.layout:
+        link = self.links.get(handle.worker_id)
+        if link is None or not link[0].usable(link[1]) or handle.layout != self.engine.layout:
             return None
+        ch, peer = link
         try:
             return await ch.pull(peer, handle.layout, handle.num_blocks - start_block,
                                  lambda tid: ask(handle, start_block, tid))
@@ -414,8 +422,8 @@ class Worker:
             yield chunk
 
     def shutdown(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
+        for ch in self.channels:
+            ch.close()
         self.aengine.shutdown()
 
 

@@ -1,13 +1,15 @@
 """The collective KV transport on a real local Ray: a 1 prefill + 1 decode cluster whose
 workers hand blocks over the persistent channel (gloo on CPU, NCCL on GPUs), with exact greedy
 output, the transport the handoffs took, and the fall-backs to the object store when a
-transfer is corrupted or out of step. Tests run in file order: the last CPU one breaks the
-channel's only pair.
+transfer is corrupted or out of step, and a replacement of a dead decode worker forming a
+channel of its own. Tests run in file order: one breaks the channel's only pair, the next
+kills its decode worker.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import ray
@@ -19,6 +21,7 @@ from pd_util import (
     counters,
     drain,
     handoff_vias,
+    live_workers,
     tiny_random_model,
     tokens,
     worker_stats,
@@ -109,6 +112,28 @@ def test_a_header_out_of_step_breaks_the_pair_and_handoffs_go_on(cluster, refere
     vias = handoff_vias(cluster)
     assert (vias["ch-header"], vias["ch-after-header"]) == ("object_store", "object_store")
     assert decode_stats(cluster)["channel_failures"] >= 2  # the second was refused at once
+    assert_clean(cluster)
+
+
+def test_a_replaced_decode_worker_forms_its_own_channel(cluster, reference) -> None:
+    """Kill the decode worker (whose pair the test above broke): its replacement forms a new
+    channel with the prefill worker before it takes requests, and handoffs are pushed over
+    it again, exact."""
+    (d,) = cluster.worker_ids("decode")
+    before = counters(cluster)
+    ray.kill(cluster.actor(d))
+    deadline = time.monotonic() + 240
+    while not [w for w in live_workers(cluster, "decode") if "~" in w]:
+        assert time.monotonic() < deadline, "no replacement decode worker"
+        time.sleep(0.2)
+    assert counters(cluster)["channels_formed"] == before["channels_formed"] + 1
+    pushed = decode_stats(cluster)["pushed_handoffs"]
+    for i, p in enumerate(PROMPTS):
+        run(cluster, f"ch-new-{i}", p, reference)
+    vias = handoff_vias(cluster)
+    assert [vias[f"ch-new-{i}"] for i in range(len(PROMPTS))] == ["collective"] * len(PROMPTS)
+    assert decode_stats(cluster)["pushed_handoffs"] - pushed == len(PROMPTS)
+    assert decode_stats(cluster)["channel_failures"] == 0
     assert_clean(cluster)
 
 
