@@ -60,9 +60,10 @@ def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> 
     try:
         host, port = ray.get(workers[ids[0]][1].channel_listen.remote(), timeout=timeout)
         backend = config.channel_backend()
+        actors = {w: a for w, (_, a) in workers.items()}
         ray.get([workers[w][1].channel_connect.remote(
-            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), ranks) for w in ids],
-            timeout=timeout + 30)
+            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), ranks, actors)
+            for w in ids], timeout=timeout + 30)
         sources = {w: a for w, (r, a) in workers.items() if r == "prefill"}
         ray.get([a.channel_ping.remote(sources) for r, a in workers.values() if r == "decode"],
                 timeout=timeout * (len(sources) + 1))

@@ -168,19 +168,40 @@ class EngineWorkerActor:
         self._channel_stores[port] = store
         return host, port
 
-    async def channel_connect(self, spec: kv_channel.ChannelSpec, ranks: dict[str, int]) -> None:
+    async def channel_connect(self, spec: kv_channel.ChannelSpec, ranks: dict[str, int],
+                              peers: dict[str, Any] | None = None) -> None:
         """Join a channel (every rank at once: gloo connects all pairs here). A peer that
         already has a channel to this worker keeps it: a later channel (formed for a
-        replacement) serves only the pairs that had none."""
+        replacement) serves only the pairs that had none. ``peers``: the members' actors,
+        told when this side breaks its pair with them."""
         host = ray.util.get_node_ip_address()
+        loop = asyncio.get_running_loop()
         store = self._channel_stores.get(spec.port) if spec.rank == 0 else None
-        channel = await asyncio.get_running_loop().run_in_executor(None, lambda: kv_channel.KVChannel(
+        channel = await loop.run_in_executor(None, lambda: kv_channel.KVChannel(
             spec, self.worker.engine.device, store, host))
         w = self.worker
         w.channels.append(channel)
         for wid, rank in ranks.items():
             if wid != w.worker_id:
                 w.links.setdefault(wid, (channel, rank))
+        by_rank = {rank: (peers or {}).get(wid) for wid, rank in ranks.items()}
+
+        def tell(rank: int) -> None:  # on a channel thread: hand the call to the loop
+            peer = by_rank.get(rank)
+            if peer is not None:
+                loop.call_soon_threadsafe(
+                    lambda: peer.channel_pair_broken.remote(w.worker_id, spec.port))
+
+        channel.on_break = tell
+
+    def channel_pair_broken(self, peer_id: str, port: int) -> bool:
+        """``peer_id`` broke its side of our pair on the channel at ``port``: stop sending
+        to it there (a send would wait for a receive that never comes)."""
+        link = self.worker.links.get(peer_id)
+        if link is None or link[0].spec.port != port:
+            return False
+        link[0].mark_broken(link[1], f"{peer_id} broke the pair on its side")
+        return True
 
     async def channel_ping(self, sources: dict[str, Any]) -> None:
         """An empty transfer from each source (prefill) worker, one after another (NCCL

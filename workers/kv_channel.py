@@ -35,7 +35,9 @@ the blocks to whoever waits for that transfer id (or keeps them until that one a
 and a push never share a pair at the same time: D holds ``lock[P]`` for either.
 
 A failure that leaves the pair's order unknown (peer gone, a header of another transfer)
-breaks the pair for good: its handoffs use the object store. An operation past its deadline
+breaks the pair for good: its handoffs use the object store. The side that breaks it calls
+``on_break``, and its owner tells the peer out of band, which stops using the pair too
+(``mark_broken``): otherwise the peer's next send would wait for a receive that never comes. An operation past its deadline
 closes this worker's whole channel (gloo closes every pair of a rank on a timeout; a posted NCCL
 operation cannot be cancelled, so the group is aborted). A failure that leaves the pair in step
 (an unknown lease, said in the header; a digest mismatch after every byte came) breaks nothing.
@@ -174,6 +176,9 @@ class KVChannel:
         self._recv_pool = ThreadPoolExecutor(2 * spec.world_size, thread_name_prefix="kv-recv")
         self._tids = itertools.count(1)
         self._boxes: dict[int, _Mailbox] = {}  # pushes from each peer
+        # Called (from any thread) with a peer's rank when this side breaks the pair with it
+        # (or closes): the owner tells that peer out of band. Set once, before any transfer.
+        self.on_break: Callable[[int], None] | None = None
 
     # -- state ----------------------------------------------------------------------------
     def new_transfer_id(self) -> int:
@@ -187,14 +192,26 @@ class KVChannel:
         if not self.usable(peer):
             raise KVChannelError(f"channel to rank {peer} is closed", peer, broken=True)
 
-    def _fail(self, peer: int, reason: str, close: bool = False) -> None:
+    def mark_broken(self, peer: int, reason: str) -> None:
+        """The peer broke the pair on its side (it said so out of band): stop using it
+        here too, so that no send of ours waits for a receive that will never come."""
+        self._fail(peer, reason, notify=False)
+
+    def _fail(self, peer: int, reason: str, close: bool = False, notify: bool = True) -> None:
         with self._lock:
             first, _ = peer not in self._broken, self._broken.add(peer)
         if first or (close and not self._closed):
             logger.warning("KV channel: %s %d-%d (%s); its handoffs use the object store from "
                            "now on", "closing" if close else "pair broken", self.rank, peer, reason)
-        if close and not self._closed:
+        closing = close and not self._closed
+        if closing:
             self.close(abort=True)
+        if notify and self.on_break is not None and (first or closing):
+            # the other side may not know: its next send to us would wait out its deadline
+            # and then close its whole channel
+            for p in range(self.spec.world_size) if closing else (peer,):
+                if p != self.rank:
+                    self.on_break(p)
 
     def close(self, abort: bool = False) -> None:
         """Stop using the channel; peers' operations with this rank then fail, not hang."""

@@ -401,7 +401,10 @@ class Worker:
                     "corrupt_pulls": self.num_corrupt_pulls,
                     "channel_failures": self.num_channel_failures,
                     "pushed_handoffs": self.num_pushed,
-                    "handoff_bytes": self.num_handoff_bytes}
+                    "handoff_bytes": self.num_handoff_bytes,
+                    # peers whose channel pair is out of use on this side
+                    "channel_broken": sorted(w for w, (ch, r) in self.links.items()
+                                             if not ch.usable(r))}
 
         return await self.aengine.acall(read)
 

@@ -131,6 +131,21 @@ def test_a_header_for_another_transfer_breaks_the_pair(pair) -> None:
     assert time.monotonic() - t < 1
 
 
+def test_breaking_a_pair_tells_the_owner_once_and_a_told_side_tells_nobody(pair) -> None:
+    recv, send = pair
+    told: list[tuple[int, int]] = []
+    recv.on_break = lambda peer: told.append((0, peer))
+    send.on_break = lambda peer: told.append((1, peer))
+    src = caches()
+    with pytest.raises(KVChannelError, match="another transfer"):
+        asyncio.run(recv.pull(1, layout_of(src), 2, asker(send, 0, src, [1, 2], tid_shift=1)))
+    with pytest.raises(KVChannelError):  # a second failure on the broken pair: no second word
+        asyncio.run(recv.pull(1, layout_of(src), 2, asker(send, 0, src, [1, 2])))
+    assert told == [(0, 1)] and send.usable(0)
+    send.mark_broken(0, "rank 0 said so")  # what the owner does on the word
+    assert not send.usable(0) and told == [(0, 1)]
+
+
 @pytest.mark.parametrize("what", ["dtype", "blocks"])
 def test_a_layout_or_size_mismatch_is_refused(pair, what) -> None:
     recv, send = pair

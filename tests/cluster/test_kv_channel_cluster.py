@@ -106,8 +106,17 @@ def test_a_corrupted_transfer_falls_back_to_the_object_store(cluster, reference)
 
 def test_a_header_out_of_step_breaks_the_pair_and_handoffs_go_on(cluster, reference) -> None:
     (p,) = cluster.worker_ids("prefill")
+    (d,) = cluster.worker_ids("decode")
     ray.get(cluster.actor(p).inject_fault.remote("channel_header", 1))
     run(cluster, "ch-header", PROMPTS[0], reference)
+    # The decode worker broke the pair on its side and told the prefill worker, which stops
+    # pushing to it at once (else its next push would wait out kv_channel_timeout_s, then
+    # close its whole channel).
+    deadline = time.monotonic() + 10
+    while ray.get(cluster.actor(p).stats.remote())["channel_broken"] != [d]:
+        assert time.monotonic() < deadline, "the prefill worker was not told"
+        time.sleep(0.05)
+    assert ray.get(cluster.actor(d).stats.remote())["channel_broken"] == [p]
     run(cluster, "ch-after-header", PROMPTS[3], reference)
     vias = handoff_vias(cluster)
     assert (vias["ch-header"], vias["ch-after-header"]) == ("object_store", "object_store")
