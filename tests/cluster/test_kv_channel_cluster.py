@@ -175,5 +175,22 @@ def test_gpu_handoff_over_nccl_equals_a_colocated_run(ray_session, tmp_path, kv_
         vias = handoff_vias(cluster)
         assert all(vias[f"gpu-{i}"] == "collective" for i in range(4)), vias
         assert_clean(cluster)
+        if kv_cache_dtype is None:  # a replacement forms its own NCCL channel on the freed GPU
+            ray.kill(cluster.actor(d))
+            deadline = time.monotonic() + 300
+            while not (new := [w for w in live_workers(cluster, "decode") if "~" in w]):
+                assert time.monotonic() < deadline, "no replacement decode worker"
+                time.sleep(0.2)
+            assert counters(cluster)["channels_formed"] == 1
+            for i, n in enumerate((16, 700)):
+                ids = tuple(rng.randrange(3, 1024) for _ in range(n))
+                pd = tokens(drain(cluster.router.generate.remote(RouterRequest(
+                    f"gpu-new-{i}", prompt_token_ids=ids, params=sp))))
+                whole = [t for ref in cluster.actor(new[0]).generate.remote(GenerateRequest(
+                    f"gpu-new-whole-{i}", ids, sp)) for t in ray.get(ref).token_ids]
+                assert pd == whole and len(pd) == 24, (n, pd, whole)
+            vias = handoff_vias(cluster)
+            assert [vias[f"gpu-new-{i}"] for i in range(2)] == ["collective"] * 2, vias
+            assert_clean(cluster)
     finally:
         cluster.shutdown()
