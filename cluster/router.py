@@ -91,6 +91,7 @@ class Router:
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
         self._closing = False
         self._replacing: set[asyncio.Task] = set()
+        self._forming = asyncio.Lock()  # replacements join the KV channel one at a time
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # lease clean-ups outliving a request
         self.timings: deque[dict] = deque(maxlen=4096)  # per P/D request, for benchmarks
@@ -138,6 +139,10 @@ class Router:
             await self.index.remove_worker.remote(w.worker_id)
         except Exception:
             logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
+        if self.config.resolved_transport() == "collective":
+            for other in self.workers.values():  # fire and forget: a peer may be gone too
+                if other.alive:
+                    other.actor.forget_peer.remote(w.worker_id)
         if self.config.replace_dead_workers and not self._closing:
             task = asyncio.get_running_loop().create_task(self._replace(w))
             self._replacing.add(task)
@@ -174,15 +179,19 @@ class Router:
             if self._closing:  # shut down while it started
                 ray.kill(actor)
                 return
-            if self.config.resolved_transport() == "collective":
-                other = "decode" if dead.role == "prefill" else "prefill"
-                members = {wid: (dead.role, actor),
-                           **{w.worker_id: (w.role, w.actor) for w in self._alive(other)}}
-                if len(members) > 1:  # rank 0, the replacement, serves the rendezvous
-                    joined = await asyncio.get_running_loop().run_in_executor(
-                        None, form_channel, self.config, members)
-                    self.counters["channels_formed"] += joined
-            self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
+            # One formation at a time, each with the workers in service when it starts: two
+            # replacements formed at once would each link the pair between them, each side
+            # through another channel.
+            async with self._forming:
+                if self.config.resolved_transport() == "collective":
+                    other = "decode" if dead.role == "prefill" else "prefill"
+                    members = {wid: (dead.role, actor),
+                               **{w.worker_id: (w.role, w.actor) for w in self._alive(other)}}
+                    if len(members) > 1:  # rank 0, the replacement, serves the rendezvous
+                        joined = await asyncio.get_running_loop().run_in_executor(
+                            None, form_channel, self.config, members)
+                        self.counters["channels_formed"] += joined
+                self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
             return

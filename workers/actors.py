@@ -194,6 +194,13 @@ class EngineWorkerActor:
 
         channel.on_break = tell
 
+    async def forget_peer(self, peer_id: str) -> None:
+        """``peer_id`` died (the router says so): drop the link to it; a channel left
+        without links is aborted off the event loop (no wait for its dead member)."""
+        ch = self.worker.forget_peer(peer_id)
+        if ch is not None:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: ch.close(abort=True))
+
     def channel_pair_broken(self, peer_id: str, port: int) -> bool:
         """``peer_id`` broke its side of our pair on the channel at ``port``: stop sending
         to it there (a send would wait for a receive that never comes)."""

@@ -321,6 +321,20 @@ class Worker:
         self.num_pushed += 1
         return blocks
 
+    def forget_peer(self, peer_id: str) -> KVChannel | None:
+        """``peer_id`` is dead: drop the link to it. Returns a channel formed for a
+        replacement that no link uses any more, for the caller to close (its process group,
+        NCCL communicators included, would otherwise outlive every member it served); the
+        start-up channel stays."""
+        link = self.links.pop(peer_id, None)
+        if link is None:
+            return None
+        ch = link[0]
+        if ch is self.channels[0] or any(c is ch for c, _ in self.links.values()):
+            return None
+        self.channels.remove(ch)
+        return ch
+
     async def drop_pushed(self, handle: KVHandle, tid: int) -> None:
         """Read a push whose request went elsewhere (or away) off the channel."""
         incoming = self._take_pushed(handle, tid)
@@ -401,12 +415,15 @@ class Worker:
                     "corrupt_pulls": self.num_corrupt_pulls,
                     "channel_failures": self.num_channel_failures,
                     "pushed_handoffs": self.num_pushed,
-                    "handoff_bytes": self.num_handoff_bytes,
-                    # peers whose channel pair is out of use on this side
-                    "channel_broken": sorted(w for w, (ch, r) in self.links.items()
-                                             if not ch.usable(r))}
+                    "handoff_bytes": self.num_handoff_bytes}
 
-        return await self.aengine.acall(read)
+        out = await self.aengine.acall(read)
+        # (the links change on the event loop: read here, not on the engine thread)
+        out.update(channel_peers=sorted(self.links), channels=len(self.channels),
+                   # peers whose channel pair is out of use on this side
+                   channel_broken=sorted(w for w, (ch, r) in self.links.items()
+                                         if not ch.usable(r)))
+        return out
 
     async def cached_hashes(self) -> list[bytes]:
         return await self.aengine.acall(lambda e: sorted(e.block_manager.pool.cached_hashes()))

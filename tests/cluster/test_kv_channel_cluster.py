@@ -2,8 +2,8 @@
 workers hand blocks over the persistent channel (gloo on CPU, NCCL on GPUs), with exact greedy
 output, the transport the handoffs took, and the fall-backs to the object store when a
 transfer is corrupted or out of step, and a replacement of a dead decode worker forming a
-channel of its own. Tests run in file order: one breaks the channel's only pair, the next
-kills its decode worker.
+channel of its own (closed when that one dies too). Tests run in file order: one breaks the
+channel's only pair, the next kills its decode worker.
 """
 
 from __future__ import annotations
@@ -143,6 +143,26 @@ def test_a_replaced_decode_worker_forms_its_own_channel(cluster, reference) -> N
     assert [vias[f"ch-new-{i}"] for i in range(len(PROMPTS))] == ["collective"] * len(PROMPTS)
     assert decode_stats(cluster)["pushed_handoffs"] - pushed == len(PROMPTS)
     assert decode_stats(cluster)["channel_failures"] == 0
+    assert_clean(cluster)
+
+
+def test_a_channel_formed_for_a_replacement_is_closed_when_it_dies(cluster, reference) -> None:
+    """The replacement dies too: its peers forget it and close the channel formed for it
+    (its process group would otherwise outlive its members); the next replacement forms
+    another, and the prefill worker holds two channels, not three."""
+    (p,) = cluster.worker_ids("prefill")
+    (d1,) = live_workers(cluster, "decode")
+    peers = ray.get(cluster.actor(p).stats.remote())
+    assert peers["channel_peers"] == [d1] and peers["channels"] == 2  # the dead first one forgotten
+    ray.kill(cluster.actor(d1))
+    deadline = time.monotonic() + 240
+    while not (new := [w for w in live_workers(cluster, "decode") if w != d1]):
+        assert time.monotonic() < deadline, "no second replacement"
+        time.sleep(0.2)
+    run(cluster, "ch-second", PROMPTS[2], reference)
+    assert handoff_vias(cluster)["ch-second"] == "collective"
+    peers = ray.get(cluster.actor(p).stats.remote())
+    assert peers["channel_peers"] == new and peers["channels"] == 2
     assert_clean(cluster)
 
 
