@@ -322,15 +322,14 @@ class Worker:
         return blocks
 
     def forget_peer(self, peer_id: str) -> KVChannel | None:
-        """``peer_id`` is dead: drop the link to it. Returns a channel formed for a
-        replacement that no link uses any more, for the caller to close (its process group,
-        NCCL communicators included, would otherwise outlive every member it served); the
-        start-up channel stays."""
+        """``peer_id`` is dead: drop the link to it. Returns the channel it was reached by
+        if no link uses that channel any more, for the caller to close: its process group,
+        NCCL communicators included, would otherwise outlive every peer it served."""
         link = self.links.pop(peer_id, None)
         if link is None:
             return None
         ch = link[0]
-        if ch is self.channels[0] or any(c is ch for c, _ in self.links.values()):
+        if any(c is ch for c, _ in self.links.values()):
             return None
         self.channels.remove(ch)
         return ch

@@ -149,11 +149,12 @@ def test_a_replaced_decode_worker_forms_its_own_channel(cluster, reference) -> N
 def test_a_channel_formed_for_a_replacement_is_closed_when_it_dies(cluster, reference) -> None:
     """The replacement dies too: its peers forget it and close the channel formed for it
     (its process group would otherwise outlive its members); the next replacement forms
-    another, and the prefill worker holds two channels, not three."""
+    another, and the prefill worker holds one channel, not three (the start-up one went
+    with the first decode worker: no peer of it was left)."""
     (p,) = cluster.worker_ids("prefill")
     (d1,) = live_workers(cluster, "decode")
     peers = ray.get(cluster.actor(p).stats.remote())
-    assert peers["channel_peers"] == [d1] and peers["channels"] == 2  # the dead first one forgotten
+    assert peers["channel_peers"] == [d1] and peers["channels"] == 1  # the dead first one forgotten
     ray.kill(cluster.actor(d1))
     deadline = time.monotonic() + 240
     while not (new := [w for w in live_workers(cluster, "decode") if w != d1]):
@@ -162,7 +163,30 @@ def test_a_channel_formed_for_a_replacement_is_closed_when_it_dies(cluster, refe
     run(cluster, "ch-second", PROMPTS[2], reference)
     assert handoff_vias(cluster)["ch-second"] == "collective"
     peers = ray.get(cluster.actor(p).stats.remote())
-    assert peers["channel_peers"] == new and peers["channels"] == 2
+    assert peers["channel_peers"] == new and peers["channels"] == 1
+    assert_clean(cluster)
+
+
+def test_both_workers_dying_at_once_are_replaced_and_joined_by_a_channel(cluster,
+                                                                        reference) -> None:
+    """Kill the prefill and the decode worker together: whichever replacement is up first
+    has no live peer to join; the second forms a channel with it, and handoffs between the
+    two replacements go over it again."""
+    before = counters(cluster)
+    old = live_workers(cluster)
+    for w in old:
+        ray.kill(cluster.actor(w))
+    deadline = time.monotonic() + 300
+    while len([w for w in live_workers(cluster) if w not in old]) < 2:
+        assert time.monotonic() < deadline, "not both replaced"
+        time.sleep(0.2)
+    assert counters(cluster)["channels_formed"] == before["channels_formed"] + 1
+    for i, prompt in enumerate(PROMPTS[:2]):
+        run(cluster, f"ch-both-{i}", prompt, reference)
+    vias = handoff_vias(cluster)
+    assert [vias["ch-both-0"], vias["ch-both-1"]] == ["collective"] * 2
+    stats = worker_stats(cluster)
+    assert sorted(s["channels"] for s in stats.values()) == [1, 1]  # the dead ones' closed
     assert_clean(cluster)
 
 
