@@ -35,6 +35,10 @@ DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
 LOAD_POLL_S = 0.1
 # A replacement that fails to start is tried again after this, doubling up to the cap.
 REPLACE_BACKOFF_S, REPLACE_BACKOFF_MAX_S = 1.0, 60.0
+# The link estimate learns only from handoffs at least this large: one that moved little is
+# mostly fixed costs (the hops, the reservation, the first decode step), which would read as
+# a slow link.
+LINK_SAMPLE_MIN_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
 
 
@@ -162,17 +166,20 @@ class Router:
         while not self._closing:
             self._generation += 1
             wid = f"{base}~{self._generation}"
-            actor = spawn_worker(self.config, dead.role, wid, self.index, self.model_path)
+            actor = None
             try:
+                actor = spawn_worker(self.config, dead.role, wid, self.index, self.model_path)
                 await actor.start.remote()
                 load = await actor.load.remote()
             except asyncio.CancelledError:  # shut down while it was pending or starting
-                ray.kill(actor)
+                if actor is not None:
+                    ray.kill(actor)
                 raise
             except Exception as e:
                 logger.warning("replacement %s of %s failed to start (%r); next try in %.0f s",
                                wid, dead.worker_id, e, delay)
-                ray.kill(actor)
+                if actor is not None:
+                    ray.kill(actor)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, REPLACE_BACKOFF_MAX_S)
                 continue
@@ -182,19 +189,32 @@ class Router:
             # One formation at a time, each with the workers in service when it starts: two
             # replacements formed at once would each link the pair between them, each side
             # through another channel.
-            async with self._forming:
-                if self.config.resolved_transport() == "collective":
-                    other = "decode" if dead.role == "prefill" else "prefill"
-                    members = {wid: (dead.role, actor),
-                               **{w.worker_id: (w.role, w.actor) for w in self._alive(other)}}
-                    if len(members) > 1:  # rank 0, the replacement, serves the rendezvous
-                        joined = await asyncio.get_running_loop().run_in_executor(
-                            None, form_channel, self.config, members)
-                        self.counters["channels_formed"] += joined
-                self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
+            try:
+                async with self._forming:
+                    if self.config.resolved_transport() == "collective":
+                        await self._join_channel(wid, dead.role, actor)
+                    self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
+            except asyncio.CancelledError:  # shut down while it joined: not registered yet
+                ray.kill(actor)
+                raise
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
             return
+
+    async def _join_channel(self, wid: str, role: str, actor: Any) -> None:
+        """Form a KV channel between a replacement and the live workers of the other role
+        (rank 0, the replacement, serves the rendezvous)."""
+        other = "decode" if role == "prefill" else "prefill"
+        peers = self._alive(other)
+        if not peers:
+            return
+        members = {wid: (role, actor), **{w.worker_id: (w.role, w.actor) for w in peers}}
+        joined = await asyncio.get_running_loop().run_in_executor(
+            None, form_channel, self.config, members)
+        self.counters["channels_formed"] += joined
+        for w in peers:  # died while it formed: the replacement was not told (not registered)
+            if not w.alive:
+                actor.forget_peer.remote(w.worker_id)
 
     def _alive(self, role: str) -> list[_WorkerRef]:
         return [w for w in self.workers.values() if w.alive and w.role == role and w.load]
@@ -419,7 +439,8 @@ class Router:
         self.counters["handoff_bytes"] += nbytes
         self.counters["handoffs"] += 1
         self.counters["handoff_seconds"] += seconds
-        if seconds > 0 and nbytes > 0 and self.config.link_bytes_per_s is None:
+        if (seconds > 0 and nbytes >= LINK_SAMPLE_MIN_BYTES
+                and self.config.link_bytes_per_s is None):
             self.link_bytes_per_s = 0.8 * self.link_bytes_per_s + 0.2 * (nbytes / seconds)
 
     @staticmethod

@@ -61,8 +61,12 @@ def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> 
         host, port = ray.get(workers[ids[0]][1].channel_listen.remote(), timeout=timeout)
         backend = config.channel_backend()
         actors = {w: a for w, (_, a) in workers.items()}
+
+        def peers_of(w: str) -> dict[str, int]:  # handoffs run between the roles only
+            return {p: ranks[p] for p, (r, _) in workers.items() if r != workers[w][0]}
+
         ray.get([workers[w][1].channel_connect.remote(
-            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), ranks, actors)
+            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), peers_of(w), actors)
             for w in ids], timeout=timeout + 30)
         sources = {w: a for w, (r, a) in workers.items() if r == "prefill"}
         ray.get([a.channel_ping.remote(sources) for r, a in workers.values() if r == "decode"],

@@ -170,10 +170,11 @@ class EngineWorkerActor:
 
     async def channel_connect(self, spec: kv_channel.ChannelSpec, ranks: dict[str, int],
                               peers: dict[str, Any] | None = None) -> None:
-        """Join a channel (every rank at once: gloo connects all pairs here). A peer that
-        already has a channel to this worker keeps it: a later channel (formed for a
-        replacement) serves only the pairs that had none. ``peers``: the members' actors,
-        told when this side breaks its pair with them."""
+        """Join a channel (every rank at once: gloo connects all pairs here). ``ranks``:
+        the members this worker hands off with (the other role) and their ranks; a peer
+        that already has a channel to this worker keeps it: a later channel (formed for a
+        replacement) serves only the pairs that had none; a peer known dead is skipped.
+        ``peers``: the members' actors, told when this side breaks its pair with them."""
         host = ray.util.get_node_ip_address()
         loop = asyncio.get_running_loop()
         store = self._channel_stores.get(spec.port) if spec.rank == 0 else None
@@ -182,7 +183,7 @@ class EngineWorkerActor:
         w = self.worker
         w.channels.append(channel)
         for wid, rank in ranks.items():
-            if wid != w.worker_id:
+            if wid != w.worker_id and wid not in w.dead_peers:
                 w.links.setdefault(wid, (channel, rank))
         by_rank = {rank: (peers or {}).get(wid) for wid, rank in ranks.items()}
 

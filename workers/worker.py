@@ -112,6 +112,7 @@ class Worker:
         # replacement of a dead peer) and, per peer worker id, the channel to it and its rank.
         self.channels: list[KVChannel] = []
         self.links: dict[str, tuple[KVChannel, int]] = {}
+        self.dead_peers: set[str] = set()  # forgotten: never linked again
         self.num_channel_failures = 0
         self.num_pushed = 0  # handoffs whose blocks the source pushed (and that arrived)
         self.num_handoff_bytes = 0  # KV bytes received in handoffs
@@ -289,7 +290,8 @@ class Worker:
         except RequestAbortedError:  # nothing was admitted: end the stream, never hang it
             usage = Usage(state.num_prompt_tokens, len(state.token_ids) - state.num_prompt_tokens,
                           state.num_cached_tokens)
-            yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage)
+            yield TokenChunk(rid, (), "", finished=True, finish_reason="abort", usage=usage,
+                             handoff_bytes=nbytes if handle is not None else None)
         finally:
             if releasing is not None and not releasing.done():
                 # the release is its own task: a slow or gone prefill worker (its lease then
@@ -325,6 +327,7 @@ class Worker:
         """``peer_id`` is dead: drop the link to it. Returns the channel it was reached by
         if no link uses that channel any more, for the caller to close: its process group,
         NCCL communicators included, would otherwise outlive every peer it served."""
+        self.dead_peers.add(peer_id)  # a channel joined later must not link it again
         link = self.links.pop(peer_id, None)
         if link is None:
             return None
