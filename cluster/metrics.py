@@ -99,7 +99,9 @@ class ClusterCollector(Collector):
                                     f"Requests {key} summed over all workers.",
                                     value=sum(s.get(f"num_{key}", 0) for s in ws))
         c = self.router.get("counters", {})
-        yield CounterMetricFamily(P + "kv_handoff_bytes", "KV bytes moved from prefill to decode workers (not blocks already cached there).",
+        yield CounterMetricFamily(P + "kv_handoff_bytes",
+                                  "KV bytes moved from prefill to decode workers "
+                                  "(not blocks already cached there).",
                                   value=c.get("handoff_bytes", 0))
         yield SummaryMetricFamily(P + "kv_handoff_time_seconds",
                                   "Prefill-to-decode handoffs: time from the prefill result to "

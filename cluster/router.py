@@ -171,7 +171,17 @@ class Router:
                 actor = spawn_worker(self.config, dead.role, wid, self.index, self.model_path)
                 await actor.start.remote()
                 load = await actor.load.remote()
-            except asyncio.CancelledError:  # shut down while it was pending or starting
+                # One formation at a time, each with the workers in service when it starts:
+                # two replacements formed at once would each link the pair between them,
+                # each side through another channel.
+                async with self._forming:
+                    if self._closing:  # shut down while it started
+                        ray.kill(actor)
+                        return
+                    if self.config.resolved_transport() == "collective":
+                        await self._join_channel(wid, dead.role, actor)
+                    self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
+            except asyncio.CancelledError:  # shut down before it was registered
                 if actor is not None:
                     ray.kill(actor)
                 raise
@@ -183,20 +193,6 @@ class Router:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, REPLACE_BACKOFF_MAX_S)
                 continue
-            if self._closing:  # shut down while it started
-                ray.kill(actor)
-                return
-            # One formation at a time, each with the workers in service when it starts: two
-            # replacements formed at once would each link the pair between them, each side
-            # through another channel.
-            try:
-                async with self._forming:
-                    if self.config.resolved_transport() == "collective":
-                        await self._join_channel(wid, dead.role, actor)
-                    self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
-            except asyncio.CancelledError:  # shut down while it joined: not registered yet
-                ray.kill(actor)
-                raise
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
             return

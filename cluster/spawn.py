@@ -37,7 +37,6 @@ def engine_config(cfg: ClusterConfig, role: RoleConfig, worker_id: str) -> Engin
                         async_scheduling=cfg.async_scheduling)
 
 
-
 def spawn_worker(config: ClusterConfig, role_name: str, worker_id: str, index: Any,
                  model_path: str) -> Any:
     """A new worker actor of ``role_name`` (not started: its ``start()`` loads the model)."""

@@ -14,8 +14,9 @@ it shares is ridden in turn by those that share more with it (a system prompt, t
 same few-shot examples). Where the other one fills shared blocks in a later step (a
 chunked prompt), it is held back until then instead, unless that is a single block
 (cheaper to compute twice than to wait a step for); while held it keeps its place, a
-sequence slot and the blocks of its first chunk, from lower-priority requests. Ridden tokens are not cache hits:
-``num_cached_tokens`` and the hit counters count only blocks found cached.
+sequence slot and the blocks of its first chunk, from lower-priority requests. Ridden
+tokens are not cache hits: ``num_cached_tokens`` and the hit counters count only blocks
+found cached.
 """
 
 from __future__ import annotations

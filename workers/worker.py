@@ -164,8 +164,8 @@ class Worker:
         if uncached > 16 and dt > 0:
             self._prefill_tps = 0.7 * self._prefill_tps + 0.3 * (uncached / dt)
         pushed = None
-        link = None if push_to is None else self.links.get(push_to)
-        if link is not None and link[0].usable(link[1]):
+        link = None if push_to is None else self._usable_link(push_to)
+        if link is not None:
             ch, peer = link
             pushed = ch.new_transfer_id()
             sent = ch.send(peer, pushed, self._gather(handle.lease_id, 0, corrupt))
@@ -323,6 +323,11 @@ class Worker:
         self.num_pushed += 1
         return blocks
 
+    def _usable_link(self, peer_id: str) -> tuple[KVChannel, int] | None:
+        """The channel to ``peer_id`` and its rank there, if the pair is in use."""
+        link = self.links.get(peer_id)
+        return link if link is not None and link[0].usable(link[1]) else None
+
     def forget_peer(self, peer_id: str) -> KVChannel | None:
         """``peer_id`` is dead: drop the link to it. Returns the channel it was reached by
         if no link uses that channel any more, for the caller to close: its process group,
@@ -347,8 +352,8 @@ class Worker:
     async def _pull_channel(self, handle: KVHandle, start_block: int, ask: AskFn
                             ) -> DeviceBlocks | None:
         """One try over the channel; None (after logging why) sends the caller to ``pull``."""
-        link = self.links.get(handle.worker_id)
-        if link is None or not link[0].usable(link[1]) or handle.layout != self.engine.layout:
+        link = self._usable_link(handle.worker_id)
+        if link is None or handle.layout != self.engine.layout:
             return None
         ch, peer = link
         try:

@@ -11,6 +11,7 @@ so the router never imports a prefix by itself; the import test pins its plan in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
@@ -134,6 +135,18 @@ class PinnedRouter(Router):
         return await super()._place(req)
 
 
+@contextlib.asynccontextmanager
+async def pinned(cluster, plans: list[Placement]):
+    """A started PinnedRouter over the cluster's workers, its next placements ``plans``."""
+    router = PinnedRouter(cluster.config, cluster.model_path, cluster.workers, cluster.index)
+    router.plans = plans
+    await router.start()
+    try:
+        yield router
+    finally:
+        await router.shutdown()
+
+
 def test_a_prefix_computed_on_one_worker_is_imported_by_another(cluster, smol_engine) -> None:
     p_a, p_b = cluster.worker_ids("prefill")
     d_a, d_b = cluster.worker_ids("decode")
@@ -147,11 +160,8 @@ def test_a_prefix_computed_on_one_worker_is_imported_by_another(cluster, smol_en
         want += [t for c in engine.step() for t in c.token_ids]
 
     async def scenario():
-        router = PinnedRouter(cluster.config, cluster.model_path, cluster.workers, cluster.index)
-        router.plans = [Placement("pd", p_a, d_a, None, 0, 0, 0.0),
-                        Placement("pd", p_b, d_b, p_a, k, 0, 0.0)]
-        await router.start()
-        try:
+        async with pinned(cluster, [Placement("pd", p_a, d_a, None, 0, 0, 0.0),
+                                    Placement("pd", p_b, d_b, p_a, k, 0, 0.0)]) as router:
             async def go(rid, prompt):
                 req = RouterRequest(rid, prompt_token_ids=tuple(prompt), params=GREEDY)
                 return [c async for c in router.generate(req)]
@@ -161,8 +171,6 @@ def test_a_prefix_computed_on_one_worker_is_imported_by_another(cluster, smol_en
             out = await go("import-use", ids)
             after = await cluster.actor(p_b).stats.remote()
             return out, before, after, dict(router.counters)
-        finally:
-            await router.shutdown()
 
     out, before, after, ctr = asyncio.run(scenario())
     assert tokens(out) == want
@@ -187,11 +195,8 @@ def test_a_handoff_moves_and_counts_only_the_blocks_the_decode_worker_lacks(clus
     k = len(base) // BS
 
     async def scenario():
-        router = PinnedRouter(cluster.config, cluster.model_path, cluster.workers, cluster.index)
-        router.plans = [Placement("pd", p_a, d_a, None, 0, 0, 0.0),
-                        Placement("pd", p_b, d_a, None, 0, 0, 0.0)]
-        await router.start()
-        try:
+        async with pinned(cluster, [Placement("pd", p_a, d_a, None, 0, 0, 0.0),
+                                    Placement("pd", p_b, d_a, None, 0, 0, 0.0)]) as router:
             seen = []
             for rid, prompt in (("bytes-base", base), ("bytes-longer", ids)):
                 req = RouterRequest(rid, prompt_token_ids=tuple(prompt), params=GREEDY)
@@ -200,8 +205,6 @@ def test_a_handoff_moves_and_counts_only_the_blocks_the_decode_worker_lacks(clus
                 after = (await cluster.actor(d_a).stats.remote())["handoff_bytes"]
                 seen.append((out, router.counters["handoff_bytes"], after - before))
             return seen
-        finally:
-            await router.shutdown()
 
     (out1, moved1, d1), (out2, total, d2) = asyncio.run(scenario())
     n1, n2 = -(-len(base) // BS), -(-len(ids) // BS)
