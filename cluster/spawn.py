@@ -48,6 +48,14 @@ def spawn_worker(config: ClusterConfig, role_name: str, worker_id: str, index: A
              config.resolved_transport(), config.lease_seconds, model_path, config.server.host)
 
 
+def handoff_peers(workers: dict[str, tuple[str, Any]], ranks: dict[str, int],
+                  worker_id: str) -> dict[str, int]:
+    """The members ``worker_id`` hands blocks to or from (the other role), by rank: a link to
+    one of its own role would keep a channel open after every peer it served had died."""
+    role = workers[worker_id][0]
+    return {p: ranks[p] for p, (r, _) in workers.items() if r != role}
+
+
 def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> bool:
     """Join every worker into the KV channel (rank 0's node serves the rendezvous store),
     then have each decode worker make one empty transfer with each prefill worker. On
@@ -60,13 +68,9 @@ def form_channel(config: ClusterConfig, workers: dict[str, tuple[str, Any]]) -> 
         host, port = ray.get(workers[ids[0]][1].channel_listen.remote(), timeout=timeout)
         backend = config.channel_backend()
         actors = {w: a for w, (_, a) in workers.items()}
-
-        def peers_of(w: str) -> dict[str, int]:  # handoffs run between the roles only
-            return {p: ranks[p] for p, (r, _) in workers.items() if r != workers[w][0]}
-
         ray.get([workers[w][1].channel_connect.remote(
-            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout), peers_of(w), actors)
-            for w in ids], timeout=timeout + 30)
+            ChannelSpec(ranks[w], len(ids), host, port, backend, timeout),
+            handoff_peers(workers, ranks, w), actors) for w in ids], timeout=timeout + 30)
         sources = {w: a for w, (r, a) in workers.items() if r == "prefill"}
         ray.get([a.channel_ping.remote(sources) for r, a in workers.values() if r == "decode"],
                 timeout=timeout * (len(sources) + 1))

@@ -121,3 +121,24 @@ def test_second_chat_turn_reports_cached_prompt_tokens(cluster) -> None:
     after = counters(cluster)
     assert after["pd"] + after["direct"] == before["pd"] + before["direct"] + 1
     assert_clean(cluster)
+
+
+def test_a_channel_links_each_worker_only_to_the_other_role() -> None:
+    from pdserve.cluster.spawn import handoff_peers
+
+    workers = {"p0": ("prefill", None), "p1": ("prefill", None), "d0": ("decode", None)}
+    ranks = {w: i for i, w in enumerate(workers)}
+    assert handoff_peers(workers, ranks, "p0") == handoff_peers(workers, ranks, "p1") == {"d0": 2}
+    assert handoff_peers(workers, ranks, "d0") == {"p0": 0, "p1": 1}
+
+
+def test_the_link_estimate_learns_only_from_handoffs_of_a_mebibyte_or_more() -> None:
+    from pdserve.cluster.router import LINK_SAMPLE_MIN_BYTES, Router
+
+    router = Router(ClusterConfig(), "", {}, None)
+    prior = router.link_bytes_per_s
+    router._observe_handoff(LINK_SAMPLE_MIN_BYTES - 1, 0.03)  # mostly fixed costs: ignored
+    assert router.link_bytes_per_s == prior
+    assert router.counters["handoff_bytes"] == LINK_SAMPLE_MIN_BYTES - 1
+    router._observe_handoff(4 * LINK_SAMPLE_MIN_BYTES, 0.002)
+    assert router.link_bytes_per_s == 0.8 * prior + 0.2 * (4 * LINK_SAMPLE_MIN_BYTES / 0.002)
