@@ -39,8 +39,9 @@ breaks the pair for good: its handoffs use the object store. The side that break
 ``on_break``, and its owner tells the peer out of band, which stops using the pair too
 (``mark_broken``): otherwise the peer's next send would wait for a receive that never comes.
 An operation past its deadline closes this worker's whole channel (gloo closes every pair of
-a rank on a timeout; a posted NCCL operation cannot be cancelled, so the group is aborted). A failure that leaves the pair in step
-(an unknown lease, said in the header; a digest mismatch after every byte came) breaks nothing.
+a rank on a timeout; a posted NCCL operation cannot be cancelled, so the group is aborted). A
+failure that leaves the pair in step (an unknown lease, said in the header; a digest mismatch
+after every byte came) breaks nothing.
 """
 
 from __future__ import annotations
