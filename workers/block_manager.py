@@ -83,21 +83,23 @@ class BlockManager:
     """Allocates, shares and frees the blocks of sequences; answers prefix hits.
 
     ``eviction_policy``, ``cache_ttl_seconds`` and ``tenant_quota_blocks`` go to the pool
-    (see `BlockPool`); ``session_ttl_seconds`` (None: no limit) bounds an idle session pin.
+    (see `BlockPool`), as does ``keep_events``; ``session_ttl_seconds`` (None: no limit)
+    bounds an idle session pin.
     """
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True,
                  worker_id: str = "local", *, eviction_policy: str = "lru",
                  cache_ttl_seconds: float | None = None, tenant_quota_blocks: int | None = None,
                  session_ttl_seconds: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, keep_events: bool = True) -> None:
         check_cache_options(session_ttl_seconds=session_ttl_seconds)
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, block_size, worker_id, enable_caching,
                               eviction_policy=eviction_policy,
                               cache_ttl_seconds=cache_ttl_seconds,
-                              tenant_quota_blocks=tenant_quota_blocks, clock=clock)
+                              tenant_quota_blocks=tenant_quota_blocks, clock=clock,
+                              keep_events=keep_events)
         self.session_ttl_seconds = session_ttl_seconds
         self._tables: dict[str, list[int]] = {}  # owner id -> block ids (seqs, leases, sessions)
         self._sessions: OrderedDict[str, float] = OrderedDict()  # id -> last turn's end, oldest first

@@ -123,12 +123,18 @@ class BlockPool:
     ``eviction_policy`` picks which cached free block is evicted (``lru``, ``lfu``, ``ttl``
     with ``cache_ttl_seconds``, ``cost``); ``tenant_quota_blocks`` caps each tenant's cached
     blocks before its own go first; ``clock`` times idleness (injected for tests).
+
+    ``keep_events``: queue KV events from the start (True), or only from the first
+    ``take_events`` call on (False: an engine nobody may be listening to). Before that
+    first call the events are not made at all: a full queue of them would be thousands of
+    objects the cyclic GC keeps walking, pauses of milliseconds in an offline run. If any
+    were skipped, the sequence number skips one, so the consumer sees a gap and resyncs.
     """
 
     def __init__(self, num_blocks: int, block_size: int, worker_id: str = "local",
                  enable_caching: bool = True, *, eviction_policy: str = "lru",
                  cache_ttl_seconds: float | None = None, tenant_quota_blocks: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, keep_events: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         check_cache_options(eviction_policy, cache_ttl_seconds, tenant_quota_blocks)
@@ -150,6 +156,8 @@ class BlockPool:
         self._ranked = type(self.policy) is not EvictionPolicy
         self._events: list[KVEvent] = []
         self._event_seq = 0
+        self._keep_events = keep_events
+        self._skipped_events = False  # events not made before the first take (a gap)
         self.num_dropped_events = 0  # times the pending events overflowed (see _emit)
         self.num_evictions = 0
         self.num_expired = 0
@@ -285,8 +293,11 @@ class BlockPool:
             stored_tokens.append(toks)
             parent = h
         if stored_hashes:
-            self._emit(BlockStored(tuple(stored_hashes), first_parent, b"".join(stored_tokens),
-                                   self.block_size))
+            if self._keep_events:
+                self._emit(BlockStored(tuple(stored_hashes), first_parent,
+                                       b"".join(stored_tokens), self.block_size))
+            else:  # not made at all (the token bytes' join is the costly part)
+                self._skipped_events = True
 
     def expire(self, now: float | None = None) -> int:
         """Drop the cached free blocks the policy says have expired (``ttl``); they stay free.
@@ -327,7 +338,11 @@ class BlockPool:
     def _emit(self, event: KVEvent) -> None:
         """Queue an event for ``take_events``. Nobody may be taking them (an offline
         engine): past MAX_PENDING_EVENTS the queue is dropped and the sequence number
-        skips one, so a consumer that does come sees a gap and resyncs from a snapshot."""
+        skips one, so a consumer that does come sees a gap and resyncs from a snapshot.
+        Before the first take (``keep_events`` False) nothing is queued."""
+        if not self._keep_events:
+            self._skipped_events = True
+            return
         self._events.append(event)
         if len(self._events) > MAX_PENDING_EVENTS:
             self._events = []
@@ -335,6 +350,10 @@ class BlockPool:
             self.num_dropped_events += 1
 
     def take_events(self) -> KVEventBatch | None:
+        if not self._keep_events:  # the first consumer: events are kept from now on
+            self._keep_events = True
+            if self._skipped_events:
+                self._event_seq += 1
         if not self._events:
             return None
         self._event_seq += 1

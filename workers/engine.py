@@ -69,7 +69,8 @@ class LLMEngine:
                                           eviction_policy=config.eviction_policy,
                                           cache_ttl_seconds=config.cache_ttl_seconds,
                                           tenant_quota_blocks=config.tenant_quota_blocks,
-                                          session_ttl_seconds=config.session_ttl_seconds)
+                                          session_ttl_seconds=config.session_ttl_seconds,
+                                          keep_events=False)  # from a consumer's first take
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.long_prefill_token_threshold, max_len),

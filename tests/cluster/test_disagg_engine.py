@@ -269,6 +269,8 @@ def test_a_corrupt_payload_falls_back_to_recompute(make, reference) -> None:
 
 def test_prefix_export_and_import_between_workers(make, reference) -> None:
     src, dst = make("src"), make("dst")
+    # dst's events have a consumer from the start (an engine keeps none until its first take)
+    assert dst.block_manager.take_events() is None
     q = PROMPTS[2]
     ids = reference.prompt_ids[q]
     full = len(ids) // BS

@@ -165,6 +165,38 @@ def test_events_nobody_takes_stay_bounded_and_leave_a_gap(monkeypatch):
     pool.check_integrity()
 
 
+def test_events_are_kept_only_from_the_first_take_when_asked():
+    """keep_events=False (an engine): no event is made before a consumer's first take; what
+    was skipped shows as a gap, so a PrefixIndex resyncs and then follows the events."""
+    from pdserve.cluster.prefix_index import PrefixIndex
+
+    pool = BlockPool(8, BS, worker_id="w", keep_events=False)
+    blocks = pool.allocate(2)
+    cache(pool, blocks, 0)
+    pool.free(blocks[::-1])
+    pool.allocate(7)  # evicts one cached block
+    assert pool._events == [] and pool.event_seq == 0
+    assert pool.take_events() is None and pool.event_seq == 1  # skipped events: a gap
+    index = PrefixIndex()
+    pool.free([b for b in pool.blocks if b.ref_count])
+    pool.allocate(8)  # evicts the other: now an event
+    batch = pool.take_events()
+    assert batch is not None and batch.seq == 2 and batch.events == (BlockRemoved((h(0),)),)
+    res = index.apply(batch)
+    assert res.needs_resync and not res.applied  # the consumer saw the gap
+    index.resync("w", pool.cached_hashes(), pool.event_seq)
+    pool.free(pool.blocks[:1])
+    cache(pool, pool.allocate(1), 5)
+    assert index.apply(pool.take_events()).applied
+    assert index.snapshot("w") == pool.cached_hashes() == {h(5)}
+    # nothing skipped before the first take: no gap
+    quiet = BlockPool(4, BS, keep_events=False)
+    assert quiet.take_events() is None and quiet.event_seq == 0
+    cache(quiet, quiet.allocate(1), 0)
+    assert quiet.take_events().seq == 1
+    pool.check_integrity()
+
+
 def test_randomized_pool_operations_keep_invariants_and_event_mirror():
     """Random allocate / touch / free / cache / reset; the events replayed give the cached set."""
     rng = random.Random(0)

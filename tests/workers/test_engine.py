@@ -181,3 +181,21 @@ def test_a_burst_sharing_a_new_prefix_computes_it_once_with_the_same_output(engi
     # cached tokens count cache hits only: with chunks, the riders found two blocks cached
     cached = sorted(o[-1].usage.cached_tokens for o in outs[True].values())
     assert cached == ([0, 32, 32, 32] if chunk else [0, 0, 0, 0])
+
+
+def test_an_engine_makes_no_kv_events_until_a_consumer_takes_them(engine_factory, tiny_llama,
+                                                                  run_engine):
+    """An offline engine has nobody taking its KV events: it makes none (a queue of them
+    was thousands of objects for the cyclic GC to walk). A consumer's first take sees the
+    skipped ones as a gap in the sequence numbers; from then on every change is an event."""
+    eng = engine_factory(tiny_llama, num_blocks=24, max_num_seqs=3)  # this test's own engine
+    pool = eng.block_manager.pool
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    eng.add_request("quiet", prompt_token_ids=list(range(500, 540)), params=params)
+    run_engine(eng)
+    assert pool.cached_hashes() and pool._events == [] and pool.event_seq == 0
+    assert eng.block_manager.take_events() is None and pool.event_seq == 1
+    eng.add_request("heard", prompt_token_ids=list(range(600, 640)), params=params)
+    run_engine(eng)
+    batch = eng.block_manager.take_events()
+    assert batch is not None and batch.seq == 2 and batch.events
