@@ -132,6 +132,11 @@ def _outcome(got: DeviceBlocks | KVChannelError) -> DeviceBlocks:
     return got
 
 
+def _fail_future(fut: asyncio.Future, err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)
+
+
 def consume_outcome(fut: asyncio.Future | Future) -> None:
     """An outcome nobody waits for any more: read it so asyncio does not log it as lost."""
     fut.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -177,6 +182,9 @@ class KVChannel:
         self._recv_pool = ThreadPoolExecutor(2 * spec.world_size, thread_name_prefix="kv-recv")
         self._tids = itertools.count(1)
         self._boxes: dict[int, _Mailbox] = {}  # pushes from each peer
+        # What takers and pullers wait on, failed at once when the channel closes: a receive
+        # blocked in gloo is not interrupted by closing, and would hold them to its deadline.
+        self._watched: dict[asyncio.Future, tuple[asyncio.AbstractEventLoop, int]] = {}
         # Called (from any thread) with a peer's rank when this side breaks the pair with it
         # (or closes): the owner tells that peer out of band. Set once, before any transfer.
         self.on_break: Callable[[int], None] | None = None
@@ -215,12 +223,34 @@ class KVChannel:
                     self.on_break(p)
 
     def close(self, abort: bool = False) -> None:
-        """Stop using the channel; peers' operations with this rank then fail, not hang."""
-        self._closed = True
+        """Stop using the channel; peers' operations with this rank then fail, not hang,
+        and so do ours: every taker and puller still waiting gets a KVChannelError now."""
+        with self._lock:
+            self._closed = True
+            watched, self._watched = self._watched, {}
         with contextlib.suppress(Exception):
             (self._pg.abort if abort and self.backend == "nccl" else self._pg.shutdown)()
         for ex in [*self._senders.values(), self._recv_pool]:
             ex.shutdown(wait=False, cancel_futures=True)
+        for fut, (loop, peer) in watched.items():
+            err = KVChannelError(f"channel closed while waiting for rank {peer}", peer, broken=True)
+            with contextlib.suppress(RuntimeError):  # that loop has ended
+                loop.call_soon_threadsafe(_fail_future, fut, err)
+
+    def _watch(self, fut: asyncio.Future, peer: int) -> asyncio.Future:
+        """Fail ``fut`` when the channel closes (see close); returns it."""
+        with self._lock:
+            if self._closed:
+                _fail_future(fut, KVChannelError(f"channel to rank {peer} is closed", peer,
+                                                 broken=True))
+                return fut
+            self._watched[fut] = (asyncio.get_running_loop(), peer)
+        fut.add_done_callback(self._unwatch)
+        return fut
+
+    def _unwatch(self, fut: asyncio.Future) -> None:
+        with self._lock:
+            self._watched.pop(fut, None)
 
     # -- low level ------------------------------------------------------------------------
     def _on_stream(self, peer: int) -> contextlib.AbstractContextManager:
@@ -305,24 +335,56 @@ class KVChannel:
 
     async def _transfer(self, peer: int, layout: KVLayout, num_blocks: int,
                         ask: Callable[[int], Awaitable[object]]) -> DeviceBlocks:
+        # never cancelled (pull shields it), so a lock taken here is always given back
+        loop = asyncio.get_running_loop()
         lock = self._peer_locks.setdefault(peer, asyncio.Lock())
-        async with lock:
-            self._check_usable(peer)
-            tid = (self.rank << 40) | next(self._tids)
-            recv = asyncio.get_running_loop().run_in_executor(
-                self._recv_pool, self.recv, peer, tid, layout, num_blocks)
-            asked = asyncio.ensure_future(ask(tid))
-            consume_outcome(asked)
-            await asyncio.wait({recv, asked}, return_when=asyncio.FIRST_COMPLETED)
-            if not recv.done() and not asked.cancelled() and asked.exception() is not None:
-                # The peer could not send. Our receive stays posted: it fails when the peer's
-                # end closes, or at its deadline (which closes the channel).
-                consume_outcome(recv)
-                err = asked.exception()
-                self._fail(peer, f"the sender failed: {err!r}")
-                raise KVChannelError(f"rank {peer} did not send transfer {tid}: {err!r}", peer,
-                                     broken=True) from err
-            return await recv
+        closed = self._watch(loop.create_future(), peer)
+        consume_outcome(closed)
+        try:
+            await self._acquire(lock, closed)
+            try:
+                self._check_usable(peer)
+                tid = (self.rank << 40) | next(self._tids)
+                recv = loop.run_in_executor(self._recv_pool, self.recv, peer, tid, layout,
+                                            num_blocks)
+                asked = asyncio.ensure_future(ask(tid))
+                consume_outcome(asked)
+                await asyncio.wait({recv, asked, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if (not recv.done() and asked.done() and not asked.cancelled()
+                        and asked.exception() is not None):
+                    # The peer could not send. Our receive stays posted: it fails when the
+                    # peer's end closes, or at its deadline (which closes the channel).
+                    consume_outcome(recv)
+                    err = asked.exception()
+                    self._fail(peer, f"the sender failed: {err!r}")
+                    raise KVChannelError(f"rank {peer} did not send transfer {tid}: {err!r}",
+                                         peer, broken=True) from err
+                if not recv.done():
+                    await asyncio.wait({recv, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if not recv.done():  # the channel closed while the receive waited
+                    consume_outcome(recv)
+                    closed.result()  # raises
+                return recv.result()
+            finally:
+                lock.release()
+        finally:
+            closed.cancel()
+
+    @staticmethod
+    async def _acquire(lock: asyncio.Lock, closed: asyncio.Future) -> None:
+        """Take ``lock`` unless the channel closes first (a pump may hold it, blocked in a
+        receive that only its deadline ends); then raise, not holding it."""
+        acq = asyncio.ensure_future(lock.acquire())
+        await asyncio.wait({acq, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if not acq.done():
+            acq.cancel()  # asyncio.Lock hands a wake-up it loses to the next waiter
+            with contextlib.suppress(asyncio.CancelledError):
+                await acq
+        if acq.cancelled():
+            closed.result()  # raises
+        elif closed.done():
+            lock.release()
+            closed.result()
 
     async def take(self, peer: int, tid: int, layout: KVLayout) -> DeviceBlocks:
         """The blocks ``peer`` pushed (or is pushing) as transfer ``tid``; raises
@@ -337,7 +399,7 @@ class KVChannel:
             return _outcome(kept[1])
         fut = box.waiting.get(tid)
         if fut is None:
-            fut = box.waiting[tid] = asyncio.get_running_loop().create_future()
+            fut = box.waiting[tid] = self._watch(asyncio.get_running_loop().create_future(), peer)
             consume_outcome(fut)
         if box.pump is None or box.pump.done():
             box.pump = asyncio.ensure_future(self._pump(peer, box, layout))
@@ -349,7 +411,7 @@ class KVChannel:
         loop = asyncio.get_running_loop()
         lock = self._peer_locks.setdefault(peer, asyncio.Lock())
         async with lock:  # no pull from this peer in between
-            while box.waiting:
+            while box.waiting and not self._closed:  # (close fails the waiters itself)
                 try:
                     tid, got = await loop.run_in_executor(self._recv_pool, self._receive, peer,
                                                           layout, None, None)
@@ -361,6 +423,8 @@ class KVChannel:
                     box.waiting.clear()
                     return
                 fut = box.waiting.pop(tid, None)
+                if fut is not None and fut.done():  # failed when the channel closed
+                    continue
                 if fut is None:  # its taker has not come yet
                     now = time.monotonic()
                     for old in [t for t, (at, _) in box.arrived.items() if now - at > UNCLAIMED_S]:

@@ -364,6 +364,37 @@ def test_a_source_that_fails_to_send_breaks_the_pair_without_waiting(pair) -> No
     assert e.value.broken and time.monotonic() - t < 2  # not the 10 s timeout
 
 
+def test_closing_the_channel_fails_waiting_takers_and_pullers_at_once() -> None:
+    """A receive blocked in gloo outlives a close until its deadline; the callers waiting on
+    it must not: a take and a pull still waiting fail as soon as the channel closes (here
+    from another thread, as a break found by a channel thread closes it)."""
+    recv, send = open_channels(2, timeout_s=20.0)
+    try:
+        lay = layout_of(caches())
+
+        async def never(tid: int) -> None:  # the source took the ask and has not sent yet
+            await asyncio.sleep(30)
+
+        async def go():
+            waiting = [asyncio.create_task(recv.take(1, 424242, lay)),
+                       asyncio.create_task(recv.pull(1, lay, 2, never))]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in waiting) and len(recv._watched) == 2
+            t = time.monotonic()
+            threading.Thread(target=recv.close, kwargs={"abort": True}).start()
+            got = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+            return got, time.monotonic() - t
+
+        got, took = asyncio.run(go())
+        assert all(isinstance(e, KVChannelError) and e.broken for e in got), got
+        assert took < 2 and not recv._watched
+        with pytest.raises(KVChannelError, match="closed"):  # and later callers at once too
+            asyncio.run(recv.take(1, 7, lay))
+    finally:
+        for c in (recv, send):
+            c.close()
+
+
 # -- a second process -------------------------------------------------------------------------
 def _serve(port: int, asks: mp.Queue, done: mp.Queue) -> None:
     """Rank 1 in its own process: answer each (transfer id, block ids) with a send."""
