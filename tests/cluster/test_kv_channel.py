@@ -376,9 +376,10 @@ def test_closing_the_channel_fails_waiting_takers_and_pullers_at_once() -> None:
             await asyncio.sleep(30)
 
         async def go():
-            waiting = [asyncio.create_task(recv.take(1, 424242, lay)),
-                       asyncio.create_task(recv.pull(1, lay, 2, never))]
-            await asyncio.sleep(0.3)
+            waiting = [asyncio.create_task(recv.pull(1, lay, 2, never))]
+            await asyncio.sleep(0.1)  # the pull holds the pair; the take's pump queues behind it
+            waiting.append(asyncio.create_task(recv.take(1, 424242, lay)))
+            await asyncio.sleep(0.2)
             assert not any(t.done() for t in waiting) and len(recv._watched) == 2
             t = time.monotonic()
             threading.Thread(target=recv.close, kwargs={"abort": True}).start()
