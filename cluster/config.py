@@ -36,6 +36,22 @@ class RoleConfig:
     num_blocks: int | None = None  # KV blocks per worker; None: sized from memory
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Autoscaling (cluster/autoscale.py), Ray Serve's rule: the router keeps about
+    # ``target_ongoing_requests`` (running + queued) per worker of the role, between
+    # ``min_replicas`` and ``max_replicas`` (None: ``replicas``; both None: a fixed count),
+    # once the wish has held for the delay; it adds or retires one worker at a time.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) replicas; equal when the role does not autoscale."""
+        lo = self.replicas if self.min_replicas is None else self.min_replicas
+        hi = self.replicas if self.max_replicas is None else self.max_replicas
+        return lo, hi
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,9 @@ class ClusterConfig:
     kv_push: bool = True
     # The router starts a new worker (a new id, the same role) in place of one that died.
     replace_dead_workers: bool = True
+    # A worker retired by autoscaling takes no new request; those it holds may finish for
+    # this long before it is stopped (the router then resumes them elsewhere).
+    drain_timeout_s: float = 120.0
     ray_address: str | None = None  # None: start a local Ray; "auto": join a running cluster
     ray_namespace: str = "pdserve"
     # Custom Ray resources for the router and index actors (e.g. {"head": 0.01}) so that
@@ -147,10 +166,27 @@ class ClusterConfig:
             for k, v in rc.resources.items():
                 if v < 0:
                     raise _bad(f"{role}.resources.{k}", f"must be >= 0, got {v}")
+            lo, hi = rc.bounds
+            if lo < 0 or lo > rc.replicas:
+                raise _bad(f"{role}.min_replicas",
+                           f"must be between 0 and replicas ({rc.replicas}), got {lo}")
+            if hi < rc.replicas:
+                raise _bad(f"{role}.max_replicas",
+                           f"must be >= replicas ({rc.replicas}), got {hi}")
+            if not rc.target_ongoing_requests > 0:
+                raise _bad(f"{role}.target_ongoing_requests",
+                           f"must be > 0, got {rc.target_ongoing_requests}")
+            for name in ("upscale_delay_s", "downscale_delay_s"):
+                if getattr(rc, name) < 0:
+                    raise _bad(f"{role}.{name}", f"must be >= 0, got {getattr(rc, name)}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", f"must be true, false or null, got {self.async_scheduling!r}")
         if self.decode.replicas < 1:
             raise _bad("decode.replicas", "at least one decode worker is required")
+        if self.decode.bounds[0] < 1:
+            raise _bad("decode.min_replicas", "at least one decode worker is required")
+        if self.drain_timeout_s < 0:
+            raise _bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
 
     def resolved_transport(self) -> str:
         """The transport the workers use: "auto" is "collective" when there are prefill

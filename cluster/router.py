@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from pdserve.cluster.autoscale import RoleScaler
 from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.placement import CostParams, Placement, place
 from pdserve.cluster.spawn import form_channel, spawn_worker
@@ -61,6 +63,7 @@ class _WorkerRef:
     actor: Any
     load: WorkerLoad | None = None
     alive: bool = True
+    draining: bool = False  # retired by autoscaling: finishes what it holds, takes nothing new
 
 
 @dataclass(slots=True)
@@ -91,10 +94,14 @@ class Router:
                                            "prefix_imports": 0, "handoff_bytes": 0,
                                            "handoffs": 0, "handoff_seconds": 0.0,
                                            "recomputed": 0, "replacements": 0,
-                                           "channels_formed": 0}
+                                           "channels_formed": 0, "scale_ups": 0,
+                                           "scale_downs": 0}
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
+        self._suffix = uuid.uuid4().hex[:6]  # added workers: "<role>-up<n>-<suffix>"
         self._closing = False
-        self._replacing: set[asyncio.Task] = set()
+        self._replacing: set[asyncio.Task] = set()  # starting or retiring workers
+        self._starting = {"prefill": 0, "decode": 0}
+        self._scalers = {role: RoleScaler(getattr(config, role)) for role in ("prefill", "decode")}
         self._forming = asyncio.Lock()  # replacements join the KV channel one at a time
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()  # lease clean-ups outliving a request
@@ -133,6 +140,7 @@ class Router:
         while True:
             await asyncio.sleep(LOAD_POLL_S)
             await self.refresh_loads()
+            self.autoscale(time.monotonic())
 
     async def _mark_dead(self, w: _WorkerRef) -> None:
         if not w.alive:
@@ -147,55 +155,127 @@ class Router:
             for other in self.workers.values():  # fire and forget: a peer may be gone too
                 if other.alive:
                     other.actor.forget_peer.remote(w.worker_id)
-        if self.config.replace_dead_workers and not self._closing:
-            task = asyncio.get_running_loop().create_task(self._replace(w))
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
+        if self.config.replace_dead_workers and not self._closing and not w.draining:
+            self._track(self._replace(w))
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
 
     async def _replace(self, dead: _WorkerRef) -> None:
-        """Start a worker of ``dead``'s role under a new id, as often as it takes: Ray holds
-        the actor pending while the cluster has no room for it (an autoscaler may add a
-        node), and one that fails to start is tried again after a backoff. With the
-        collective transport, it forms a KV channel of its own with the live workers of the
-        other role before it takes requests (a process group cannot take a new rank): if that
-        fails, its handoffs use the object store."""
+        """Start a worker of ``dead``'s role under a new id (see _start_worker)."""
         with contextlib.suppress(Exception):  # an unreachable one must not hold its GPU on
             ray.kill(dead.actor)
         base = dead.worker_id.split("~")[0]
-        delay = REPLACE_BACKOFF_S
-        while not self._closing:
-            self._generation += 1
-            wid = f"{base}~{self._generation}"
-            actor = None
-            try:
-                actor = spawn_worker(self.config, dead.role, wid, self.index, self.model_path)
-                await actor.start.remote()
-                load = await actor.load.remote()
-                # One formation at a time, each with the workers in service when it starts:
-                # two replacements formed at once would each link the pair between them,
-                # each side through another channel.
-                async with self._forming:
-                    if self._closing:  # shut down while it started
-                        ray.kill(actor)
-                        return
-                    if self.config.resolved_transport() == "collective":
-                        await self._join_channel(wid, dead.role, actor)
-                    self.workers[wid] = _WorkerRef(wid, dead.role, actor, load)
-            except asyncio.CancelledError:  # shut down before it was registered
-                if actor is not None:
-                    ray.kill(actor)
-                raise
-            except Exception as e:
-                logger.warning("replacement %s of %s failed to start (%r); next try in %.0f s",
-                               wid, dead.worker_id, e, delay)
-                if actor is not None:
-                    ray.kill(actor)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, REPLACE_BACKOFF_MAX_S)
-                continue
+        wid = await self._start_worker(dead.role, lambda n: f"{base}~{n}")
+        if wid is not None:
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
+
+    async def _start_worker(self, role: str, name: Any) -> str | None:
+        """Start a worker of ``role`` (id ``name(n)``), as often as it takes: Ray holds the
+        actor pending while the cluster has no room for it (an autoscaler may add a node),
+        and one that fails to start is tried again after a backoff. With the collective
+        transport, it forms a KV channel of its own with the live workers of the other role
+        before it takes requests (a process group cannot take a new rank): if that fails,
+        its handoffs use the object store. Returns its id; None if the router shut down."""
+        delay = REPLACE_BACKOFF_S
+        self._starting[role] += 1
+        try:
+            while not self._closing:
+                self._generation += 1
+                wid = name(self._generation)
+                actor = None
+                try:
+                    actor = spawn_worker(self.config, role, wid, self.index, self.model_path)
+                    await actor.start.remote()
+                    load = await actor.load.remote()
+                    # One formation at a time, each with the workers in service when it starts:
+                    # two replacements formed at once would each link the pair between them,
+                    # each side through another channel.
+                    async with self._forming:
+                        if self._closing:  # shut down while it started
+                            ray.kill(actor)
+                            return None
+                        if self.config.resolved_transport() == "collective":
+                            await self._join_channel(wid, role, actor)
+                        self.workers[wid] = _WorkerRef(wid, role, actor, load)
+                except asyncio.CancelledError:  # shut down before it was registered
+                    if actor is not None:
+                        ray.kill(actor)
+                    raise
+                except Exception as e:
+                    logger.warning("worker %s (%s) failed to start (%r); next try in %.0f s",
+                                   wid, role, e, delay)
+                    if actor is not None:
+                        ray.kill(actor)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, REPLACE_BACKOFF_MAX_S)
+                    continue
+                return wid
+            return None
+        finally:
+            self._starting[role] -= 1
+
+    # -- autoscaling (cluster/autoscale.py) ---------------------------------------------------
+    def autoscale(self, now: float) -> None:
+        """One look at each autoscaling role's load: start or retire a worker if its scaler
+        says so."""
+        if self._closing:
             return
+        for role, scaler in self._scalers.items():
+            if not scaler.enabled:
+                continue
+            serving = self._alive(role)
+            ongoing = sum(_ongoing(w) for w in serving)
+            move = scaler.decide(ongoing, len(serving) + self._starting[role], now)
+            if move > 0:
+                self._track(self._scale_up(role))
+            elif move < 0 and len(serving) > scaler.min_replicas:
+                # the least busy; among equals the newest (the first workers stay)
+                victim = min(reversed(serving), key=_ongoing)
+                self._track(self._retire(victim))
+
+    async def _scale_up(self, role: str) -> None:
+        wid = await self._start_worker(role, lambda n: f"{role}-up{n}-{self._suffix}")
+        if wid is not None:
+            self.counters["scale_ups"] += 1
+            logger.info("autoscaling: worker %s (%s) added", wid, role)
+
+    async def _retire(self, w: _WorkerRef) -> None:
+        """Take ``w`` out of service: no new request goes to it (and its blocks leave the
+        index, so none is imported from it); once it holds nothing, or at the drain
+        timeout, it is stopped. A request still on it then resumes elsewhere, as after a
+        death."""
+        w.draining = True
+        self.counters["scale_downs"] += 1
+        logger.info("autoscaling: retiring worker %s (%s)", w.worker_id, w.role)
+        with contextlib.suppress(Exception):
+            await self.index.remove_worker.remote(w.worker_id)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while time.monotonic() < deadline and not self._closing and not self._idle(w):
+            await asyncio.sleep(LOAD_POLL_S)
+        w.alive = False  # retired, not dead: nothing replaces it
+        if self.config.resolved_transport() == "collective":
+            for other in self.workers.values():
+                if other.alive:
+                    other.actor.forget_peer.remote(w.worker_id)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(w.actor.shutdown.remote(), timeout=10)
+        with contextlib.suppress(Exception):
+            ray.kill(w.actor)
+        logger.info("autoscaling: worker %s stopped", w.worker_id)
+
+    def _idle(self, w: _WorkerRef) -> bool:
+        """Nothing of ``w``'s is left: no request the router runs is on it or waits on a
+        lease of it, and its last load (polled after the drain began) shows none."""
+        for act in self.active.values():
+            if act.holder is w or (act.lease is not None and act.lease[0] is w):
+                return False
+        load = w.load
+        return (load is not None and load.num_running == 0 and load.num_waiting == 0
+                and load.num_leases == 0)
 
     async def _join_channel(self, wid: str, role: str, actor: Any) -> None:
         """Form a KV channel between a replacement and the live workers of the other role
@@ -213,7 +293,9 @@ class Router:
                 actor.forget_peer.remote(w.worker_id)
 
     def _alive(self, role: str) -> list[_WorkerRef]:
-        return [w for w in self.workers.values() if w.alive and w.role == role and w.load]
+        """The role's workers in service (alive, polled once, not draining)."""
+        return [w for w in self.workers.values()
+                if w.alive and w.role == role and w.load and not w.draining]
 
     # -- requests -------------------------------------------------------------------------
     def validate(self, req: RouterRequest) -> list[int]:
@@ -495,6 +577,7 @@ class Router:
         return {"counters": dict(self.counters), "link_bytes_per_s": self.link_bytes_per_s,
                 "alive": {w.worker_id: w.alive for w in self.workers.values()},
                 "roles": {w.worker_id: w.role for w in self.workers.values()},
+                "draining": [w.worker_id for w in self.workers.values() if w.alive and w.draining],
                 "active": len(self.active)}
 
     async def model_info(self) -> dict:
@@ -516,6 +599,10 @@ class Router:
             self._poller.cancel()
         for task in list(self._replacing):
             task.cancel()
+
+
+def _ongoing(w: _WorkerRef) -> int:
+    return w.load.num_running + w.load.num_waiting if w.load else 0
 
 
 RouterActor = ray.remote(max_concurrency=10000)(Router)

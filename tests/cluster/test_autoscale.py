@@ -1,0 +1,131 @@
+"""Autoscaling (cluster/autoscale.py and the router): the rule alone, the config's checks, and
+a real 1 prefill + 1..2 decode cluster on the local Ray that grows under load, serves on the
+added worker, and shrinks back when idle; the output stays exact and nothing leaks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+from pd_util import (
+    GREEDY,
+    PROMPTS,
+    assert_clean,
+    counters,
+    drain,
+    live_workers,
+    router_stats,
+    tokens,
+)
+
+from pdserve.cluster.autoscale import RoleScaler
+from pdserve.cluster.config import ClusterConfig, RoleConfig
+from pdserve.cluster.router import RouterRequest
+from pdserve.workers.errors import InvalidRequestError
+
+
+# -- the rule -------------------------------------------------------------------------------------
+def test_the_role_wants_ongoing_over_target_workers_within_its_bounds() -> None:
+    s = RoleScaler(RoleConfig(replicas=2, min_replicas=1, max_replicas=4, target_ongoing_requests=8))
+    assert s.enabled
+    assert [s.desired(n) for n in (0, 1, 8, 9, 24, 25, 1000)] == [1, 1, 1, 2, 3, 4, 4]
+    assert not RoleScaler(RoleConfig(replicas=3)).enabled  # no bounds: a fixed count
+
+
+def test_a_move_waits_for_its_delay_and_one_worker_moves_at_a_time() -> None:
+    s = RoleScaler(RoleConfig(replicas=1, max_replicas=3, target_ongoing_requests=2,
+                              upscale_delay_s=5, downscale_delay_s=30))
+    assert s.decide(6, 1, now=0.0) == 0  # wants 3, but only since now
+    assert s.decide(6, 1, now=4.9) == 0
+    assert s.decide(6, 1, now=5.0) == 1  # one worker, not two
+    assert s.decide(6, 2, now=6.0) == 0  # the next move waits a full delay again
+    assert s.decide(6, 2, now=10.0) == 1
+    assert s.decide(1, 3, now=11.0) == 0  # a lull: shrinking waits longer
+    assert s.decide(6, 3, now=12.0) == 0  # a burst in between resets it
+    assert s.decide(1, 3, now=13.0) == 0
+    assert s.decide(1, 3, now=42.9) == 0
+    assert s.decide(1, 3, now=43.0) == -1
+    assert s.decide(2, 1, now=100.0) == 0  # at the wish: nothing
+
+
+@pytest.mark.parametrize("role, values, field", [
+    ("decode", {"replicas": 2, "min_replicas": 3}, "decode.min_replicas"),
+    ("decode", {"replicas": 1, "min_replicas": 0}, "decode.min_replicas"),
+    ("prefill", {"replicas": 2, "max_replicas": 1}, "prefill.max_replicas"),
+    ("prefill", {"target_ongoing_requests": 0}, "prefill.target_ongoing_requests"),
+    ("decode", {"downscale_delay_s": -1}, "decode.downscale_delay_s"),
+])
+def test_bad_autoscaling_bounds_name_the_field(role: str, values: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as e:
+        ClusterConfig.from_dict({role: values})
+    assert e.value.field == f"config.{field}"
+    with pytest.raises(InvalidRequestError) as e:
+        ClusterConfig.from_dict({"drain_timeout_s": -1})
+    assert e.value.field == "config.drain_timeout_s"
+
+
+# -- a real cluster ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(start_cluster):
+    c = start_cluster(
+        decode={"replicas": 1, "num_cpus": 1, "num_blocks": 160, "min_replicas": 1,
+                "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                "downscale_delay_s": 4},
+        drain_timeout_s=60)
+    yield c
+    c.shutdown()
+
+
+def run_one(cluster, i: int) -> tuple[str, list[int]]:
+    prompt = PROMPTS[i % len(PROMPTS)]
+    req = RouterRequest(f"as-{i}-{time.monotonic_ns()}", prompt=prompt, params=GREEDY)
+    return prompt, tokens(drain(cluster.router.generate.remote(req)))
+
+
+def added_decode_workers(cluster) -> list[str]:
+    return [w for w in live_workers(cluster, "decode") if "-up" in w]
+
+
+def test_decode_grows_under_load_serves_on_the_new_worker_and_shrinks_when_idle(
+        cluster, reference) -> None:
+    # 1. Three requests in flight at a time (3 ongoing, target 1 a worker): one worker is added.
+    stop, results, n = threading.Event(), [], iter(range(10**6))
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            results.append(run_one(cluster, next(n)))
+
+    with ThreadPoolExecutor(3) as pool:
+        loops = [pool.submit(keep_busy) for _ in range(3)]
+        deadline = time.monotonic() + 120
+        while not added_decode_workers(cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop.set()
+        for f in loops:
+            f.result(timeout=180)
+    (added,) = added_decode_workers(cluster)
+    assert counters(cluster)["scale_ups"] == 1
+    # 2. With two decode workers in service, a round of requests uses the added one too.
+    with ThreadPoolExecutor(4) as pool:
+        results += list(pool.map(lambda i: run_one(cluster, i), range(8)))
+    assert ray.get(cluster.actor(added).handoffs.remote(), timeout=30), "the added worker served nothing"
+    for prompt, got in results:
+        reference.check(prompt, got)
+    # 3. Idle: after the delay the least busy (the newest) is retired, drained and stopped.
+    deadline = time.monotonic() + 90
+    while added in live_workers(cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stats = router_stats(cluster)
+    assert not stats["alive"][added] and stats["counters"]["scale_downs"] == 1
+    assert len(live_workers(cluster, "decode")) == 1 and not stats["draining"]
+    assert stats["counters"]["replacements"] == 0  # retired, not replaced
+    assert ray.get(cluster.index.snapshot.remote(added)) == set()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(cluster.actor(added).load.remote(), timeout=30)
+    # the cluster it leaves is whole: exact, and every block back
+    for i in range(len(PROMPTS)):
+        reference.check(*run_one(cluster, i))
+    assert_clean(cluster)
