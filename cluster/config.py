@@ -173,11 +173,15 @@ class ClusterConfig:
             if hi < rc.replicas:
                 raise _bad(f"{role}.max_replicas",
                            f"must be >= replicas ({rc.replicas}), got {hi}")
-            if not rc.target_ongoing_requests > 0:
+            if hi > lo and lo < 1:  # its only signal is its own workers' load
+                raise _bad(f"{role}.min_replicas",
+                           "must be >= 1 for a role that autoscales (with no worker it has no "
+                           f"load to grow from), got {lo}")
+            if not rc.target_ongoing_requests > 0:  # (NaN too)
                 raise _bad(f"{role}.target_ongoing_requests",
                            f"must be > 0, got {rc.target_ongoing_requests}")
             for name in ("upscale_delay_s", "downscale_delay_s"):
-                if getattr(rc, name) < 0:
+                if not getattr(rc, name) >= 0:
                     raise _bad(f"{role}.{name}", f"must be >= 0, got {getattr(rc, name)}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise _bad("async_scheduling", f"must be true, false or null, got {self.async_scheduling!r}")
@@ -185,7 +189,7 @@ class ClusterConfig:
             raise _bad("decode.replicas", "at least one decode worker is required")
         if self.decode.bounds[0] < 1:
             raise _bad("decode.min_replicas", "at least one decode worker is required")
-        if self.drain_timeout_s < 0:
+        if not self.drain_timeout_s >= 0:
             raise _bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
 
     def resolved_transport(self) -> str:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEAD = (ActorDiedError, ActorUnavailableError, RayActorError)
 LOAD_POLL_S = 0.1
+# Workers gone (dead or retired) that the router still lists, for stats; older ones are dropped.
+KEEP_GONE = 64
 # A replacement that fails to start is tried again after this, doubling up to the cap.
 REPLACE_BACKOFF_S, REPLACE_BACKOFF_MAX_S = 1.0, 60.0
 # The link estimate learns only from handoffs at least this large: one that moved little is
@@ -64,6 +66,7 @@ class _WorkerRef:
     load: WorkerLoad | None = None
     alive: bool = True
     draining: bool = False  # retired by autoscaling: finishes what it holds, takes nothing new
+    polled_at: float = 0.0  # when ``load`` came (the router's clock)
 
 
 @dataclass(slots=True)
@@ -72,6 +75,7 @@ class _Active:
 
     holder: _WorkerRef | None = None
     lease: tuple[_WorkerRef, str] | None = None
+    target: _WorkerRef | None = None  # the decode worker placement chose (a drain waits for it)
     cancelled: bool = False
 
 
@@ -101,6 +105,7 @@ class Router:
         self._closing = False
         self._replacing: set[asyncio.Task] = set()  # starting or retiring workers
         self._starting = {"prefill": 0, "decode": 0}
+        self._adding: dict[str, set[asyncio.Task]] = {"prefill": set(), "decode": set()}
         self._scalers = {role: RoleScaler(getattr(config, role)) for role in ("prefill", "decode")}
         self._forming = asyncio.Lock()  # replacements join the KV channel one at a time
         self._poller: asyncio.Task | None = None
@@ -129,6 +134,7 @@ class Router:
         async def one(w: _WorkerRef) -> None:
             try:
                 w.load = await asyncio.wait_for(w.actor.load.remote(), timeout=5)
+                w.polled_at = time.monotonic()
             except DEAD:
                 await self._mark_dead(w)
             except (TimeoutError, Exception):
@@ -140,7 +146,10 @@ class Router:
         while True:
             await asyncio.sleep(LOAD_POLL_S)
             await self.refresh_loads()
-            self.autoscale(time.monotonic())
+            try:
+                self.autoscale(time.monotonic())
+            except Exception:  # the poller must live on
+                logger.exception("autoscaling failed")
 
     async def _mark_dead(self, w: _WorkerRef) -> None:
         if not w.alive:
@@ -201,6 +210,7 @@ class Router:
                         if self.config.resolved_transport() == "collective":
                             await self._join_channel(wid, role, actor)
                         self.workers[wid] = _WorkerRef(wid, role, actor, load)
+                        self._forget_gone()
                 except asyncio.CancelledError:  # shut down before it was registered
                     if actor is not None:
                         ray.kill(actor)
@@ -218,6 +228,13 @@ class Router:
         finally:
             self._starting[role] -= 1
 
+    def _forget_gone(self) -> None:
+        """Keep the newest KEEP_GONE workers that are gone (a long life of replacements and
+        scale-downs must not grow the list, nor the shutdown's loop over it, for ever)."""
+        gone = [wid for wid, w in self.workers.items() if not w.alive]
+        for wid in gone[:max(0, len(gone) - KEEP_GONE)]:
+            del self.workers[wid]
+
     # -- autoscaling (cluster/autoscale.py) ---------------------------------------------------
     def autoscale(self, now: float) -> None:
         """One look at each autoscaling role's load: start or retire a worker if its scaler
@@ -231,10 +248,17 @@ class Router:
             ongoing = sum(_ongoing(w) for w in serving)
             move = scaler.decide(ongoing, len(serving) + self._starting[role], now)
             if move > 0:
-                self._track(self._scale_up(role))
+                task = asyncio.get_running_loop().create_task(self._scale_up(role))
+                self._replacing.add(task)
+                self._adding[role].add(task)
+                task.add_done_callback(self._replacing.discard)
+                task.add_done_callback(self._adding[role].discard)
+            elif move < 0 and self._adding[role]:  # one still starting (or pending in Ray)
+                self._adding[role].pop().cancel()
             elif move < 0 and len(serving) > scaler.min_replicas:
                 # the least busy; among equals the newest (the first workers stay)
                 victim = min(reversed(serving), key=_ongoing)
+                victim.draining = True  # at once: placement and replacement see it now
                 self._track(self._retire(victim))
 
     async def _scale_up(self, role: str) -> None:
@@ -249,13 +273,19 @@ class Router:
         timeout, it is stopped. A request still on it then resumes elsewhere, as after a
         death."""
         w.draining = True
+        if not w.alive:  # it died first (and was not replaced: it was draining)
+            return
         self.counters["scale_downs"] += 1
         logger.info("autoscaling: retiring worker %s (%s)", w.worker_id, w.role)
         with contextlib.suppress(Exception):
             await self.index.remove_worker.remote(w.worker_id)
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        while time.monotonic() < deadline and not self._closing and not self._idle(w):
+        began = time.monotonic()
+        deadline = began + self.config.drain_timeout_s
+        while (w.alive and time.monotonic() < deadline and not self._closing
+               and not self._idle(w, began)):
             await asyncio.sleep(LOAD_POLL_S)
+        if not w.alive:  # it died while it drained: _mark_dead did the rest
+            return
         w.alive = False  # retired, not dead: nothing replaces it
         if self.config.resolved_transport() == "collective":
             for other in self.workers.values():
@@ -265,17 +295,22 @@ class Router:
             await asyncio.wait_for(w.actor.shutdown.remote(), timeout=10)
         with contextlib.suppress(Exception):
             ray.kill(w.actor)
+        # again, now that its event pushes have stopped: one sent during the drain looks
+        # like a gap to the index, whose resync would have listed the worker again
+        with contextlib.suppress(Exception):
+            await self.index.remove_worker.remote(w.worker_id)
         logger.info("autoscaling: worker %s stopped", w.worker_id)
 
-    def _idle(self, w: _WorkerRef) -> bool:
-        """Nothing of ``w``'s is left: no request the router runs is on it or waits on a
-        lease of it, and its last load (polled after the drain began) shows none."""
+    def _idle(self, w: _WorkerRef, since: float) -> bool:
+        """Nothing of ``w``'s is left: no request the router runs is on it, is bound for it
+        or waits on a lease of it, and its load polled after ``since`` shows none."""
         for act in self.active.values():
-            if act.holder is w or (act.lease is not None and act.lease[0] is w):
+            if (act.holder is w or act.target is w
+                    or (act.lease is not None and act.lease[0] is w)):
                 return False
         load = w.load
-        return (load is not None and load.num_running == 0 and load.num_waiting == 0
-                and load.num_leases == 0)
+        return (load is not None and w.polled_at > since and load.num_running == 0
+                and load.num_waiting == 0 and load.num_leases == 0)
 
     async def _join_channel(self, wid: str, role: str, actor: Any) -> None:
         """Form a KV channel between a replacement and the live workers of the other role
@@ -367,7 +402,8 @@ class Router:
         if hashes:
             hits = await self.index.lookup.remote(hashes)
         # The index may still list a worker that just died: never import from it.
-        hits = {wid: n for wid, n in hits.items() if wid in self.workers and self.workers[wid].alive}
+        hits = {wid: n for wid, n in hits.items()
+                if wid in self.workers and self.workers[wid].alive and not self.workers[wid].draining}
         prefill = [w.load for w in self._alive("prefill")]
         decode = [w.load for w in self._alive("decode")]
         if not decode:  # degrade: a prefill worker can run whole requests too
@@ -400,7 +436,7 @@ class Router:
                 if act.lease is not None and act.lease[0].alive:  # the decode side died
                     await self._release(act.lease[0], act.lease[1], req.request_id)
                 await self.refresh_loads()
-                act.holder = None
+                act.holder = act.target = None
                 act.lease = None
         raise UnavailableError(f"request {req.request_id} failed after {MAX_ATTEMPTS} attempts")
 
@@ -408,14 +444,14 @@ class Router:
                        streamed: list[TokenChunk]) -> AsyncIterator[TokenChunk]:
         if streamed:  # resume after a decode worker died: recompute from what was streamed
             state = self._resume_state(req, streamed)
-            d = self.workers[(await self._place(req))[0].decode]
+            d = act.target = self.workers[(await self._place(req))[0].decode]
             act.holder = d
             self.counters["recomputed"] += 1
             async for chunk in self._stream(d.actor.decode.remote(state, None, None)):
                 yield chunk
             return
         plan, _ = await self._place(req)
-        d = self.workers[plan.decode]
+        d = act.target = self.workers[plan.decode]
         if plan.kind == "direct":
             self.counters["direct"] += 1
             act.holder = d

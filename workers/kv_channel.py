@@ -228,14 +228,14 @@ class KVChannel:
         with self._lock:
             self._closed = True
             watched, self._watched = self._watched, {}
+        for fut, (loop, peer) in watched.items():  # first: shutting down may block
+            err = KVChannelError(f"channel closed while waiting for rank {peer}", peer, broken=True)
+            with contextlib.suppress(RuntimeError):  # that loop has ended
+                loop.call_soon_threadsafe(_fail_future, fut, err)
         with contextlib.suppress(Exception):
             (self._pg.abort if abort and self.backend == "nccl" else self._pg.shutdown)()
         for ex in [*self._senders.values(), self._recv_pool]:
             ex.shutdown(wait=False, cancel_futures=True)
-        for fut, (loop, peer) in watched.items():
-            err = KVChannelError(f"channel closed while waiting for rank {peer}", peer, broken=True)
-            with contextlib.suppress(RuntimeError):  # that loop has ended
-                loop.call_soon_threadsafe(_fail_future, fut, err)
 
     def _watch(self, fut: asyncio.Future, peer: int) -> asyncio.Future:
         """Fail ``fut`` when the channel closes (see close); returns it."""
@@ -345,8 +345,12 @@ class KVChannel:
             try:
                 self._check_usable(peer)
                 tid = (self.rank << 40) | next(self._tids)
-                recv = loop.run_in_executor(self._recv_pool, self.recv, peer, tid, layout,
-                                            num_blocks)
+                try:
+                    recv = loop.run_in_executor(self._recv_pool, self.recv, peer, tid, layout,
+                                                num_blocks)
+                except RuntimeError as e:  # closed since the check: its pool takes nothing
+                    raise KVChannelError(f"channel to rank {peer} is closed", peer,
+                                         broken=True) from e
                 asked = asyncio.ensure_future(ask(tid))
                 consume_outcome(asked)
                 await asyncio.wait({recv, asked, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -361,9 +365,10 @@ class KVChannel:
                                          peer, broken=True) from err
                 if not recv.done():
                     await asyncio.wait({recv, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if not recv.done():  # the channel closed while the receive waited
+                if not recv.done() or recv.cancelled():  # the channel closed meanwhile
                     consume_outcome(recv)
-                    closed.result()  # raises
+                    raise KVChannelError(f"channel to rank {peer} closed during transfer {tid}",
+                                         peer, broken=True)
                 return recv.result()
             finally:
                 lock.release()

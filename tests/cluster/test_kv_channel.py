@@ -364,10 +364,13 @@ def test_a_source_that_fails_to_send_breaks_the_pair_without_waiting(pair) -> No
     assert e.value.broken and time.monotonic() - t < 2  # not the 10 s timeout
 
 
-def test_closing_the_channel_fails_waiting_takers_and_pullers_at_once() -> None:
+@pytest.mark.parametrize("pull_first", [True, False])
+def test_closing_the_channel_fails_waiting_takers_and_pullers_at_once(pull_first: bool) -> None:
     """A receive blocked in gloo outlives a close until its deadline; the callers waiting on
     it must not: a take and a pull still waiting fail as soon as the channel closes (here
-    from another thread, as a break found by a channel thread closes it)."""
+    from another thread, as a break found by a channel thread closes it). Either one holds
+    the pair while the other queues behind it: a pull queued behind the take's pump waits
+    for the pair's lock, and gives up that wait too."""
     recv, send = open_channels(2, timeout_s=20.0)
     try:
         lay = layout_of(caches())
@@ -376,10 +379,11 @@ def test_closing_the_channel_fails_waiting_takers_and_pullers_at_once() -> None:
             await asyncio.sleep(30)
 
         async def go():
-            waiting = [asyncio.create_task(recv.pull(1, lay, 2, never))]
-            await asyncio.sleep(0.1)  # the pull holds the pair; the take's pump queues behind it
-            waiting.append(asyncio.create_task(recv.take(1, 424242, lay)))
-            await asyncio.sleep(0.2)
+            starts = [lambda: recv.pull(1, lay, 2, never), lambda: recv.take(1, 424242, lay)]
+            waiting = []
+            for start in starts if pull_first else starts[::-1]:
+                waiting.append(asyncio.create_task(start()))
+                await asyncio.sleep(0.15)  # the first holds the pair; the second queues
             assert not any(t.done() for t in waiting) and len(recv._watched) == 2
             t = time.monotonic()
             threading.Thread(target=recv.close, kwargs={"abort": True}).start()
