@@ -117,6 +117,22 @@ class ClusterCollector(Collector):
         alive = self.router.get("alive", {})
         yield GaugeMetricFamily(P + "workers_alive", "Workers the router considers alive.",
                                 value=sum(1 for v in alive.values() if v))
+        roles, draining = self.router.get("roles", {}), set(self.router.get("draining", ()))
+        by_state = GaugeMetricFamily(P + "workers", "Live workers by role and state: serving, or "
+                                     "draining (retired by autoscaling, finishing what it holds).",
+                                     labels=["role", "state"])
+        for role in ("prefill", "decode"):
+            live = [w for w, up in alive.items() if up and roles.get(w) == role]
+            by_state.add_metric([role, "serving"], sum(1 for w in live if w not in draining))
+            by_state.add_metric([role, "draining"], sum(1 for w in live if w in draining))
+        yield by_state
+        changes = CounterMetricFamily(P + "router_worker_changes", "Workers the router started "
+                                      "or retired: replacements of dead ones, and autoscaling's "
+                                      "additions and retirements.", labels=["kind"])
+        for kind, key in (("replacement", "replacements"), ("scale_up", "scale_ups"),
+                          ("scale_down", "scale_downs")):
+            changes.add_metric([kind], c.get(key, 0))
+        yield changes
 
 
 class Metrics:

@@ -103,6 +103,26 @@ def test_the_router_keeps_only_the_newest_gone_workers() -> None:
     assert "gone-9" not in router.workers and f"gone-{KEEP_GONE + 9}" in router.workers
 
 
+def test_metrics_show_workers_by_role_and_state_and_the_changes() -> None:
+    from prometheus_client import generate_latest
+
+    from pdserve.cluster.metrics import Metrics
+
+    m = Metrics()
+    m.cluster.update({}, {"alive": {"p0": True, "d0": True, "d1": True, "d2": False},
+                          "roles": {"p0": "prefill", "d0": "decode", "d1": "decode",
+                                    "d2": "decode"},
+                          "draining": ["d1"],
+                          "counters": {"replacements": 1, "scale_ups": 2, "scale_downs": 1}})
+    text = generate_latest(m.registry).decode()
+    for line in ('pdserve:workers{role="prefill",state="serving"} 1.0',
+                 'pdserve:workers{role="decode",state="serving"} 1.0',
+                 'pdserve:workers{role="decode",state="draining"} 1.0',
+                 'pdserve:router_worker_changes_total{kind="scale_up"} 2.0',
+                 'pdserve:router_worker_changes_total{kind="replacement"} 1.0'):
+        assert line in text, line
+
+
 # -- a real cluster ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(start_cluster):
