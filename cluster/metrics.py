@@ -127,10 +127,10 @@ class ClusterCollector(Collector):
             by_state.add_metric([role, "draining"], sum(1 for w in live if w in draining))
         yield by_state
         changes = CounterMetricFamily(P + "router_worker_changes", "Workers the router started "
-                                      "or retired: replacements of dead ones, and autoscaling's "
-                                      "additions and retirements.", labels=["kind"])
+                                      "or retired: replacements (of dead or drained ones), "
+                                      "autoscaling's additions and retirements, drains.", labels=["kind"])
         for kind, key in (("replacement", "replacements"), ("scale_up", "scale_ups"),
-                          ("scale_down", "scale_downs")):
+                          ("scale_down", "scale_downs"), ("drain", "drains")):
             changes.add_metric([kind], c.get(key, 0))
         yield changes
 

@@ -99,7 +99,7 @@ class Router:
                                            "handoffs": 0, "handoff_seconds": 0.0,
                                            "recomputed": 0, "replacements": 0,
                                            "channels_formed": 0, "scale_ups": 0,
-                                           "scale_downs": 0}
+                                           "scale_downs": 0, "drains": 0}
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
         self._suffix = uuid.uuid4().hex[:6]  # added workers: "<role>-up<n>-<suffix>"
         self._closing = False
@@ -267,7 +267,38 @@ class Router:
             self.counters["scale_ups"] += 1
             logger.info("autoscaling: worker %s (%s) added", wid, role)
 
-    async def _retire(self, w: _WorkerRef) -> None:
+    async def drain_worker(self, worker_id: str, replace: bool = False,
+                           timeout_s: float | None = None) -> str | None:
+        """Take one worker out of service, as autoscaling retires one (for maintenance, or
+        a node to empty): it takes no new request, and stops once it holds none or at
+        ``timeout_s`` (None: ``drain_timeout_s``), when what it still holds resumes
+        elsewhere. With ``replace``, a new worker of its role is started first and is in
+        service before the drain begins. Returns when the worker has stopped: the
+        replacement's id, or None. InvalidRequestError (field ``worker_id``) for a worker
+        that is unknown, gone or already draining, or the last decode worker in service
+        when nothing replaces it."""
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive or w.draining:
+            raise InvalidRequestError("worker_id", f"no worker {worker_id!r} in service")
+        if w.role == "decode" and not replace and len(self._alive("decode")) <= 1:
+            raise InvalidRequestError("worker_id", f"{worker_id!r} is the last decode worker "
+                                                   "in service; drain it with replace")
+        if timeout_s is not None and not timeout_s >= 0:
+            raise InvalidRequestError("timeout_s", f"must be >= 0, got {timeout_s}")
+        new = None
+        if replace:
+            base = worker_id.split("~")[0]
+            new = await self._start_worker(w.role, lambda n: f"{base}~{n}")
+            if new is None:  # shut down meanwhile
+                return None
+            self.counters["replacements"] += 1
+        if w.alive and not w.draining:
+            w.draining = True
+            await self._retire(w, "drain", timeout_s)
+        return new
+
+    async def _retire(self, w: _WorkerRef, why: str = "autoscaling",
+                      timeout_s: float | None = None) -> None:
         """Take ``w`` out of service: no new request goes to it (and its blocks leave the
         index, so none is imported from it); once it holds nothing, or at the drain
         timeout, it is stopped. A request still on it then resumes elsewhere, as after a
@@ -275,12 +306,12 @@ class Router:
         w.draining = True
         if not w.alive:  # it died first (and was not replaced: it was draining)
             return
-        self.counters["scale_downs"] += 1
-        logger.info("autoscaling: retiring worker %s (%s)", w.worker_id, w.role)
+        self.counters["scale_downs" if why == "autoscaling" else "drains"] += 1
+        logger.info("%s: retiring worker %s (%s)", why, w.worker_id, w.role)
         with contextlib.suppress(Exception):
             await self.index.remove_worker.remote(w.worker_id)
         began = time.monotonic()
-        deadline = began + self.config.drain_timeout_s
+        deadline = began + (self.config.drain_timeout_s if timeout_s is None else timeout_s)
         while (w.alive and time.monotonic() < deadline and not self._closing
                and not self._idle(w, began)):
             await asyncio.sleep(LOAD_POLL_S)
@@ -299,7 +330,7 @@ class Router:
         # like a gap to the index, whose resync would have listed the worker again
         with contextlib.suppress(Exception):
             await self.index.remove_worker.remote(w.worker_id)
-        logger.info("autoscaling: worker %s stopped", w.worker_id)
+        logger.info("%s: worker %s stopped", why, w.worker_id)
 
     def _idle(self, w: _WorkerRef, since: float) -> bool:
         """Nothing of ``w``'s is left: no request the router runs is on it, is bound for it

@@ -25,6 +25,7 @@ from pdserve.cluster.autoscale import RoleScaler
 from pdserve.cluster.config import ClusterConfig, RoleConfig
 from pdserve.cluster.router import RouterRequest
 from pdserve.workers.errors import InvalidRequestError
+from pdserve.workers.sampling_params import SamplingParams
 
 
 # -- the rule -------------------------------------------------------------------------------------
@@ -185,4 +186,38 @@ def test_decode_grows_under_load_serves_on_the_new_worker_and_shrinks_when_idle(
     # the cluster it leaves is whole: exact, and every block back
     for i in range(len(PROMPTS)):
         reference.check(*run_one(cluster, i))
+    assert_clean(cluster)
+
+
+def test_draining_a_busy_worker_with_replace_resumes_its_stream_on_the_new_one(
+        cluster, smol_engine) -> None:
+    """An operator drains the one decode worker for maintenance: its replacement starts and
+    enters service first; the drain times out on a stream still running there, which
+    resumes on the replacement token for token; the cluster ends whole and clean."""
+    (old,) = live_workers(cluster, "decode")
+    with pytest.raises(InvalidRequestError) as e:  # the last one, with nothing to replace it
+        ray.get(cluster.router.drain_worker.remote(old), timeout=30)
+    assert e.value.field == "worker_id"
+    with pytest.raises(InvalidRequestError):
+        ray.get(cluster.router.drain_worker.remote("no-such-worker", True), timeout=30)
+
+    engine = smol_engine()
+    sp = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    ids = engine.encode_prompt(PROMPTS[1])
+    engine.add_request("drain-ref", prompt_token_ids=ids, params=sp)
+    want = []
+    while engine.has_unfinished():
+        want += [t for c in engine.step() for t in c.token_ids]
+    before = counters(cluster)
+    gen = cluster.router.generate.remote(RouterRequest("drain-me", prompt_token_ids=tuple(ids),
+                                                       params=sp))
+    head = [ray.get(next(gen))]  # streaming from the old worker now
+    new = ray.get(cluster.router.drain_worker.remote(old, True, 0.0), timeout=180)
+    got = tokens(head + drain(gen))
+    assert got == want
+    after = counters(cluster)
+    assert after["drains"] == before["drains"] + 1
+    assert after["replacements"] == before["replacements"] + 1
+    assert live_workers(cluster, "decode") == [new] and not router_stats(cluster)["alive"][old]
+    assert ray.get(cluster.index.snapshot.remote(old)) == set()
     assert_clean(cluster)
