@@ -189,18 +189,19 @@ def test_decode_grows_under_load_serves_on_the_new_worker_and_shrinks_when_idle(
     assert_clean(cluster)
 
 
-def test_draining_a_busy_worker_with_replace_resumes_its_stream_on_the_new_one(
-        cluster, smol_engine) -> None:
-    """An operator drains the one decode worker for maintenance: its replacement starts and
-    enters service first; the drain times out on a stream still running there, which
-    resumes on the replacement token for token; the cluster ends whole and clean."""
-    (old,) = live_workers(cluster, "decode")
-    with pytest.raises(InvalidRequestError) as e:  # the last one, with nothing to replace it
-        ray.get(cluster.router.drain_worker.remote(old), timeout=30)
-    assert e.value.field == "worker_id"
-    with pytest.raises(InvalidRequestError):
-        ray.get(cluster.router.drain_worker.remote("no-such-worker", True), timeout=30)
+@pytest.fixture(scope="module")
+def fixed(start_cluster):
+    """1 prefill + 2 decode workers, no autoscaling."""
+    c = start_cluster(decode={"replicas": 2, "num_cpus": 1, "num_blocks": 160})
+    yield c
+    c.shutdown()
 
+
+def test_draining_a_busy_worker_resumes_its_stream_elsewhere_and_replace_starts_one_first(
+        fixed, smol_engine, reference) -> None:
+    """An operator drains the decode worker running a stream (timeout 0): the stream resumes
+    on the other one, token for token. The last decode worker can only be drained with a
+    replacement, which enters service first. The cluster ends whole and clean."""
     engine = smol_engine()
     sp = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     ids = engine.encode_prompt(PROMPTS[1])
@@ -208,16 +209,30 @@ def test_draining_a_busy_worker_with_replace_resumes_its_stream_on_the_new_one(
     want = []
     while engine.has_unfinished():
         want += [t for c in engine.step() for t in c.token_ids]
-    before = counters(cluster)
-    gen = cluster.router.generate.remote(RouterRequest("drain-me", prompt_token_ids=tuple(ids),
-                                                       params=sp))
-    head = [ray.get(next(gen))]  # streaming from the old worker now
-    new = ray.get(cluster.router.drain_worker.remote(old, True, 0.0), timeout=180)
-    got = tokens(head + drain(gen))
-    assert got == want
-    after = counters(cluster)
-    assert after["drains"] == before["drains"] + 1
-    assert after["replacements"] == before["replacements"] + 1
-    assert live_workers(cluster, "decode") == [new] and not router_stats(cluster)["alive"][old]
-    assert ray.get(cluster.index.snapshot.remote(old)) == set()
-    assert_clean(cluster)
+    before = counters(fixed)
+    gen = fixed.router.generate.remote(RouterRequest("drain-me", prompt_token_ids=tuple(ids),
+                                                     params=sp))
+    head = [ray.get(next(gen))]
+    busy = None
+    while busy is None:  # the decode worker streaming it
+        info = ray.get(fixed.router.inflight.remote()).get("drain-me")
+        busy = info["holder"] if info and info["role"] == "decode" else None
+    assert ray.get(fixed.router.drain_worker.remote(busy, False, 0.0), timeout=60) is None
+    assert tokens(head + drain(gen)) == want
+    after = counters(fixed)
+    assert after["drains"] == before["drains"] + 1 and after["recomputed"] > before["recomputed"]
+    assert after["replacements"] == before["replacements"]  # drained, not replaced
+    assert not router_stats(fixed)["alive"][busy]
+    assert ray.get(fixed.index.snapshot.remote(busy)) == set()
+
+    (last,) = live_workers(fixed, "decode")
+    with pytest.raises(InvalidRequestError) as e:  # nothing would be left in service
+        ray.get(fixed.router.drain_worker.remote(last), timeout=30)
+    assert e.value.field == "worker_id"
+    with pytest.raises(InvalidRequestError):
+        ray.get(fixed.router.drain_worker.remote("no-such-worker", True), timeout=30)
+    new = ray.get(fixed.router.drain_worker.remote(last, True), timeout=180)
+    assert live_workers(fixed, "decode") == [new] and counters(fixed)["replacements"] == 1
+    for i in range(len(PROMPTS)):  # the cluster it leaves is whole
+        reference.check(*run_one(fixed, i))
+    assert_clean(fixed)
