@@ -191,8 +191,9 @@ def test_decode_grows_under_load_serves_on_the_new_worker_and_shrinks_when_idle(
 
 @pytest.fixture(scope="module")
 def fixed(start_cluster):
-    """1 prefill + 2 decode workers, no autoscaling."""
-    c = start_cluster(decode={"replicas": 2, "num_cpus": 1, "num_blocks": 160})
+    """1 prefill + 2 decode workers, no autoscaling, KV over the collective channel (gloo)."""
+    c = start_cluster(decode={"replicas": 2, "num_cpus": 1, "num_blocks": 160},
+                      transport="collective", direct_max_tokens=0)
     yield c
     c.shutdown()
 
@@ -201,7 +202,8 @@ def test_draining_a_busy_worker_resumes_its_stream_elsewhere_and_replace_starts_
         fixed, smol_engine, reference) -> None:
     """An operator drains the decode worker running a stream (timeout 0): the stream resumes
     on the other one, token for token. The last decode worker can only be drained with a
-    replacement, which enters service first. The cluster ends whole and clean."""
+    replacement, which enters service first, linked to the prefill worker by a channel of
+    its own. The cluster ends whole and clean."""
     engine = smol_engine()
     sp = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     ids = engine.encode_prompt(PROMPTS[1])
@@ -235,4 +237,6 @@ def test_draining_a_busy_worker_resumes_its_stream_elsewhere_and_replace_starts_
     assert live_workers(fixed, "decode") == [new] and counters(fixed)["replacements"] == 1
     for i in range(len(PROMPTS)):  # the cluster it leaves is whole
         reference.check(*run_one(fixed, i))
+    vias = ray.get(fixed.actor(new).handoffs.remote(), timeout=30)
+    assert len(vias) == len(PROMPTS) and {st.via for _, st in vias} == {"collective"}
     assert_clean(fixed)
