@@ -103,7 +103,7 @@ class Router:
         self._generation = 0  # replacement ids: "<the first worker's id>~<n>"
         self._suffix = uuid.uuid4().hex[:6]  # added workers: "<role>-up<n>-<suffix>"
         self._closing = False
-        self._replacing: set[asyncio.Task] = set()  # starting or retiring workers
+        self._lifecycle: set[asyncio.Task] = set()  # starting or retiring workers
         self._starting = {"prefill": 0, "decode": 0}
         self._adding: dict[str, set[asyncio.Task]] = {"prefill": set(), "decode": set()}
         self._scalers = {role: RoleScaler(getattr(config, role)) for role in ("prefill", "decode")}
@@ -167,10 +167,12 @@ class Router:
         if self.config.replace_dead_workers and not self._closing and not w.draining:
             self._track(self._replace(w))
 
-    def _track(self, coro: Any) -> None:
+    def _track(self, coro: Any) -> asyncio.Task:
+        """Run a task that starts or retires a worker (shutdown cancels those left)."""
         task = asyncio.get_running_loop().create_task(coro)
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._lifecycle.add(task)
+        task.add_done_callback(self._lifecycle.discard)
+        return task
 
     async def _replace(self, dead: _WorkerRef) -> None:
         """Start a worker of ``dead``'s role under a new id (see _start_worker)."""
@@ -248,10 +250,8 @@ class Router:
             ongoing = sum(_ongoing(w) for w in serving)
             move = scaler.decide(ongoing, len(serving) + self._starting[role], now)
             if move > 0:
-                task = asyncio.get_running_loop().create_task(self._scale_up(role))
-                self._replacing.add(task)
+                task = self._track(self._scale_up(role))
                 self._adding[role].add(task)
-                task.add_done_callback(self._replacing.discard)
                 task.add_done_callback(self._adding[role].discard)
             elif move < 0 and self._adding[role]:  # one still starting (or pending in Ray)
                 self._adding[role].pop().cancel()
@@ -664,7 +664,7 @@ class Router:
         self._closing = True
         if self._poller is not None:
             self._poller.cancel()
-        for task in list(self._replacing):
+        for task in list(self._lifecycle):
             task.cancel()
 
 
