@@ -119,8 +119,8 @@ def _role_capacity(role: RoleConfig, offered: dict[str, float]) -> int:
 def _check_roles_placed(cfg: ClusterConfig, head: dict[str, float],
                         groups: dict[str, tuple[dict[str, float], int]]) -> None:
     """Each role with workers is gated by custom resources that only its own group offers, and
-    that group at its maximum size holds all the role's replicas. `groups`: name -> (Ray
-    resources of one node, max nodes)."""
+    that group at its maximum size holds all the role's replicas (up to its autoscaling
+    maximum). `groups`: name -> (Ray resources of one node, max nodes)."""
     assert head.get("head", 0) >= 1, "the head must advertise the `head` resource"
     for name in ROLES:
         role: RoleConfig = getattr(cfg, name)
@@ -133,8 +133,9 @@ def _check_roles_placed(cfg: ClusterConfig, head: dict[str, float],
         offered, max_nodes = groups[name]
         per_node = _role_capacity(role, offered)
         assert per_node >= 1, f"a {name} node offers {offered}, one {name} worker needs {role}"
-        assert per_node * max_nodes >= role.replicas, (
-            f"{name}: {role.replicas} replicas, room for {per_node} x {max_nodes} nodes")
+        most = role.bounds[1]  # autoscaling's maximum (replicas when it does not scale)
+        assert per_node * max_nodes >= most, (
+            f"{name}: up to {most} replicas, room for {per_node} x {max_nodes} nodes")
 
 
 @functools.cache
