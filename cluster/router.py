@@ -68,6 +68,11 @@ class _WorkerRef:
     draining: bool = False  # retired by autoscaling: finishes what it holds, takes nothing new
     polled_at: float = 0.0  # when ``load`` came (the router's clock)
 
+    @property
+    def in_service(self) -> bool:
+        """Alive and not draining: placement may send it requests and import from it."""
+        return self.alive and not self.draining
+
 
 @dataclass(slots=True)
 class _Active:
@@ -160,12 +165,16 @@ class Router:
             await self.index.remove_worker.remote(w.worker_id)
         except Exception:
             logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
+        self._tell_forget(w)
+        if self.config.replace_dead_workers and not self._closing and not w.draining:
+            self._track(self._replace(w))
+
+    def _tell_forget(self, w: _WorkerRef) -> None:
+        """With the collective transport, the live workers drop their link to ``w`` (gone)."""
         if self.config.resolved_transport() == "collective":
             for other in self.workers.values():  # fire and forget: a peer may be gone too
                 if other.alive:
                     other.actor.forget_peer.remote(w.worker_id)
-        if self.config.replace_dead_workers and not self._closing and not w.draining:
-            self._track(self._replace(w))
 
     def _track(self, coro: Any) -> asyncio.Task:
         """Run a task that starts or retires a worker (shutdown cancels those left)."""
@@ -178,8 +187,7 @@ class Router:
         """Start a worker of ``dead``'s role under a new id (see _start_worker)."""
         with contextlib.suppress(Exception):  # an unreachable one must not hold its GPU on
             ray.kill(dead.actor)
-        base = dead.worker_id.split("~")[0]
-        wid = await self._start_worker(dead.role, lambda n: f"{base}~{n}")
+        wid = await self._start_worker(dead.role, _replacement_name(dead.worker_id))
         if wid is not None:
             self.counters["replacements"] += 1
             logger.info("worker %s replaces the dead %s", wid, dead.worker_id)
@@ -278,7 +286,7 @@ class Router:
         that is unknown, gone or already draining, or the last decode worker in service
         when nothing replaces it."""
         w = self.workers.get(worker_id)
-        if w is None or not w.alive or w.draining:
+        if w is None or not w.in_service:
             raise InvalidRequestError("worker_id", f"no worker {worker_id!r} in service")
         if w.role == "decode" and not replace and len(self._alive("decode")) <= 1:
             raise InvalidRequestError("worker_id", f"{worker_id!r} is the last decode worker "
@@ -287,13 +295,11 @@ class Router:
             raise InvalidRequestError("timeout_s", f"must be >= 0, got {timeout_s}")
         new = None
         if replace:
-            base = worker_id.split("~")[0]
-            new = await self._start_worker(w.role, lambda n: f"{base}~{n}")
+            new = await self._start_worker(w.role, _replacement_name(worker_id))
             if new is None:  # shut down meanwhile
                 return None
             self.counters["replacements"] += 1
-        if w.alive and not w.draining:
-            w.draining = True
+        if w.in_service:  # (autoscaling may have retired it while the replacement started)
             await self._retire(w, "drain", timeout_s)
         return new
 
@@ -318,10 +324,7 @@ class Router:
         if not w.alive:  # it died while it drained: _mark_dead did the rest
             return
         w.alive = False  # retired, not dead: nothing replaces it
-        if self.config.resolved_transport() == "collective":
-            for other in self.workers.values():
-                if other.alive:
-                    other.actor.forget_peer.remote(w.worker_id)
+        self._tell_forget(w)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(w.actor.shutdown.remote(), timeout=10)
         with contextlib.suppress(Exception):
@@ -360,8 +363,7 @@ class Router:
 
     def _alive(self, role: str) -> list[_WorkerRef]:
         """The role's workers in service (alive, polled once, not draining)."""
-        return [w for w in self.workers.values()
-                if w.alive and w.role == role and w.load and not w.draining]
+        return [w for w in self.workers.values() if w.in_service and w.role == role and w.load]
 
     # -- requests -------------------------------------------------------------------------
     def validate(self, req: RouterRequest) -> list[int]:
@@ -434,7 +436,7 @@ class Router:
             hits = await self.index.lookup.remote(hashes)
         # The index may still list a worker that just died: never import from it.
         hits = {wid: n for wid, n in hits.items()
-                if wid in self.workers and self.workers[wid].alive and not self.workers[wid].draining}
+                if (w := self.workers.get(wid)) is not None and w.in_service}
         prefill = [w.load for w in self._alive("prefill")]
         decode = [w.load for w in self._alive("decode")]
         if not decode:  # degrade: a prefill worker can run whole requests too
@@ -666,6 +668,12 @@ class Router:
             self._poller.cancel()
         for task in list(self._lifecycle):
             task.cancel()
+
+
+def _replacement_name(worker_id: str) -> Any:
+    """Ids for a worker taking ``worker_id``'s place: ``<its first id>~<n>``."""
+    base = worker_id.split("~")[0]
+    return lambda n: f"{base}~{n}"
 
 
 def _ongoing(w: _WorkerRef) -> int:

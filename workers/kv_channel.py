@@ -132,6 +132,10 @@ def _outcome(got: DeviceBlocks | KVChannelError) -> DeviceBlocks:
     return got
 
 
+def _closed_error(peer: int) -> KVChannelError:
+    return KVChannelError(f"channel to rank {peer} is closed", peer, broken=True)
+
+
 def _fail_future(fut: asyncio.Future, err: Exception) -> None:
     if not fut.done():
         fut.set_exception(err)
@@ -199,7 +203,7 @@ class KVChannel:
 
     def _check_usable(self, peer: int) -> None:
         if not self.usable(peer):
-            raise KVChannelError(f"channel to rank {peer} is closed", peer, broken=True)
+            raise _closed_error(peer)
 
     def mark_broken(self, peer: int, reason: str) -> None:
         """The peer broke the pair on its side (it said so out of band): stop using it
@@ -241,8 +245,7 @@ class KVChannel:
         """Fail ``fut`` when the channel closes (see close); returns it."""
         with self._lock:
             if self._closed:
-                _fail_future(fut, KVChannelError(f"channel to rank {peer} is closed", peer,
-                                                 broken=True))
+                _fail_future(fut, _closed_error(peer))
                 return fut
             self._watched[fut] = (asyncio.get_running_loop(), peer)
         fut.add_done_callback(self._unwatch)
@@ -349,8 +352,7 @@ class KVChannel:
                     recv = loop.run_in_executor(self._recv_pool, self.recv, peer, tid, layout,
                                                 num_blocks)
                 except RuntimeError as e:  # closed since the check: its pool takes nothing
-                    raise KVChannelError(f"channel to rank {peer} is closed", peer,
-                                         broken=True) from e
+                    raise _closed_error(peer) from e
                 asked = asyncio.ensure_future(ask(tid))
                 consume_outcome(asked)
                 await asyncio.wait({recv, asked, closed}, return_when=asyncio.FIRST_COMPLETED)
