@@ -92,6 +92,56 @@ def test_a_drain_waits_for_requests_bound_for_the_worker_and_for_a_fresh_load() 
     assert not router._idle(_WorkerRef("d1", "decode", None, busy, polled_at=5.0), since=4.0)
 
 
+def test_a_lull_cancels_a_worker_still_starting_before_it_retires_a_serving_one() -> None:
+    """The router's moves on a bare Router (no Ray): growth starts a worker; a lull while it
+    is still starting (here: held pending for good, an injected fault) cancels that start
+    rather than retiring a serving worker; a later lull retires the least busy worker,
+    marked draining at once."""
+    import asyncio
+
+    from pdserve.cluster.router import Router, _WorkerRef
+    from pdserve.workers.worker import WorkerLoad
+
+    def load(wid: str, running: int) -> WorkerLoad:
+        return WorkerLoad(wid, "decode", running, 0, 0, 10, 10, 0, 1.0, 0.01, 1, 0.0)
+
+    async def go() -> None:
+        cfg = ClusterConfig.from_dict({"decode": {
+            "replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+            "upscale_delay_s": 0, "downscale_delay_s": 0}})
+        router = Router(cfg, "", {}, None)
+        started, retired = [], []
+
+        async def pending_forever(role: str) -> None:  # as a start Ray holds pending
+            router._starting[role] += 1
+            try:
+                started.append(role)
+                await asyncio.sleep(3600)
+            finally:
+                router._starting[role] -= 1
+
+        async def retire(w: _WorkerRef) -> None:
+            retired.append(w.worker_id)
+
+        router._scale_up, router._retire = pending_forever, retire
+        d0 = router.workers["d0"] = _WorkerRef("d0", "decode", None, load("d0", 2))
+        router.autoscale(0.0)
+        await asyncio.sleep(0)
+        assert started == ["decode"] and len(router._adding["decode"]) == 1
+        d0.load = load("d0", 0)
+        router.autoscale(1.0)  # the lull: the start goes, d0 stays
+        await asyncio.sleep(0)
+        assert not router._adding["decode"] and router._starting["decode"] == 0
+        assert retired == [] and not d0.draining
+        router.workers["d1"] = _WorkerRef("d1", "decode", None, load("d1", 0))
+        router.autoscale(2.0)  # two idle in service, one wanted: the newest goes
+        assert d0.in_service and router.workers["d1"].draining
+        await asyncio.sleep(0)
+        assert retired == ["d1"]
+
+    asyncio.run(go())
+
+
 def test_the_router_keeps_only_the_newest_gone_workers() -> None:
     from pdserve.cluster.router import KEEP_GONE, Router, _WorkerRef
 
