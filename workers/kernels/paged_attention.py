@@ -21,6 +21,8 @@ on the device, so the launch needs no host value that changes per step (graph-ca
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -163,6 +165,33 @@ def num_splits_for(batch: int, num_kv_heads: int, max_len: int, num_sms: int) ->
     return triton.next_power_of_2(want)
 
 
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tile(programs: int, block_d: int, q: torch.Tensor, shared: bool) -> tuple[int, int]:
+    """K/V tokens per loop step and pipeline stages of the per-row programs.
+
+    Measured on an H100 inside CUDA graphs (BENCHMARKS.md, session 12): a third stage helps
+    every shape by 1-3%; with 128-wide heads, 64 tokens a step beat 32 by ~2% at large
+    batch, and when the grid is at most two programs per SM (batch 1 at long context: 32
+    splits x 8 KV heads) 128 tokens a step keep enough bytes in flight: 15.5 -> 11.8 us a
+    layer at 8k tokens, 63.9 -> 53.2 us at 32k. fp32 (the exactness tests), heads wider
+    than 128 and the shared-prefix chunk programs, whose query tile is up to 64 rows, keep
+    the earlier tiles."""
+    if q.dtype == torch.float32:
+        return 32, 2
+    if shared:
+        return (64 if block_d <= 64 else 32), 2
+    if block_d <= 64:
+        return 64, 3
+    if block_d > 128:  # wider heads: not measured, the tile that fits
+        return 32, 2
+    few = q.device.type == "cuda" and programs <= 2 * _num_sms(q.device.index or 0)
+    return (128 if few else 64), 3
+
+
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      out: torch.Tensor | None = None,
@@ -183,9 +212,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = triton.next_power_of_2(max(d, 16))
-    block_n = 64 if block_d <= 64 else 32
-    if q.dtype == torch.float32:
-        block_n = 32
+    block_n, stages = _tile(bsz * num_splits * hkv, block_d, q, shared is not None)
     slots = num_splits + (MAX_SPLITS if shared is not None else 0)
     if slots == 1:  # stage 1 writes the output: no partials, no merge launch
         mid_o, mid_lse = out, out
@@ -209,7 +236,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         ROWS=rows, BLOCK_HC=triton.next_power_of_2(group),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=stages)
     if slots > 1:
         _decode_merge_kernel[(bsz, h)](
             mid_o, mid_lse, prefix_lens, shared_splits, out, *mid_strides, out.stride(0), out.stride(1),
