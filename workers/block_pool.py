@@ -350,11 +350,16 @@ class BlockPool:
             self.num_dropped_events += 1
 
     def take_events(self) -> KVEventBatch | None:
+        """The queued events as one batch (None: nothing new). The first take after events
+        were skipped returns a batch even when none are queued: its seq jumps past the gap,
+        so the consumer resyncs now rather than at the next event."""
+        gap = False
         if not self._keep_events:  # the first consumer: events are kept from now on
             self._keep_events = True
-            if self._skipped_events:
+            gap = self._skipped_events
+            if gap:
                 self._event_seq += 1
-        if not self._events:
+        if not self._events and not gap:
             return None
         self._event_seq += 1
         batch = KVEventBatch(self.worker_id, self._event_seq, tuple(self._events))

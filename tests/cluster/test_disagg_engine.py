@@ -321,6 +321,7 @@ def test_import_of_a_payload_longer_than_the_prompt_is_refused(make, reference) 
 
 def test_snapshot_matches_the_cache_and_skips_pending_events(make, reference) -> None:
     e = make("snap")
+    assert e.block_manager.take_events() is None  # a consumer from the start: events pend
     e.add_request("a", prompt_token_ids=reference.prompt_ids[PROMPTS[2]], params=ONE)
     run(e)
     seq_before = e.block_manager.pool.event_seq

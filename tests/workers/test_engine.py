@@ -194,8 +194,9 @@ def test_an_engine_makes_no_kv_events_until_a_consumer_takes_them(engine_factory
     eng.add_request("quiet", prompt_token_ids=list(range(500, 540)), params=params)
     run_engine(eng)
     assert pool.cached_hashes() and pool._events == [] and pool.event_seq == 0
-    assert eng.block_manager.take_events() is None and pool.event_seq == 1
+    gap = eng.block_manager.take_events()  # the skipped events: a gap, reported at once
+    assert gap is not None and gap.seq == 2 and gap.events == () and pool.event_seq == 2
     eng.add_request("heard", prompt_token_ids=list(range(600, 640)), params=params)
     run_engine(eng)
     batch = eng.block_manager.take_events()
-    assert batch is not None and batch.seq == 2 and batch.events
+    assert batch is not None and batch.seq == 3 and batch.events
