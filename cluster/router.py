@@ -165,16 +165,18 @@ class Router:
             await self.index.remove_worker.remote(w.worker_id)
         except Exception:
             logger.warning("index remove_worker(%s) failed", w.worker_id, exc_info=True)
-        self._tell_forget(w)
+        self._tell_forget(w.worker_id)
         if self.config.replace_dead_workers and not self._closing and not w.draining:
             self._track(self._replace(w))
 
-    def _tell_forget(self, w: _WorkerRef) -> None:
-        """With the collective transport, the live workers drop their link to ``w`` (gone)."""
+    def _tell_forget(self, worker_id: str) -> None:
+        """With the collective transport, the live workers drop their link to ``worker_id``
+        (gone)."""
         if self.config.resolved_transport() == "collective":
             for other in self.workers.values():  # fire and forget: a peer may be gone too
                 if other.alive:
-                    other.actor.forget_peer.remote(w.worker_id)
+                    with contextlib.suppress(Exception):
+                        other.actor.forget_peer.remote(worker_id)
 
     def _track(self, coro: Any) -> asyncio.Task:
         """Run a task that starts or retires a worker (shutdown cancels those left)."""
@@ -324,7 +326,7 @@ class Router:
         if not w.alive:  # it died while it drained: _mark_dead did the rest
             return
         w.alive = False  # retired, not dead: nothing replaces it
-        self._tell_forget(w)
+        self._tell_forget(w.worker_id)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(w.actor.shutdown.remote(), timeout=10)
         with contextlib.suppress(Exception):
@@ -354,8 +356,16 @@ class Router:
         if not peers:
             return
         members = {wid: (role, actor), **{w.worker_id: (w.role, w.actor) for w in peers}}
-        joined = await asyncio.get_running_loop().run_in_executor(
+        formation = asyncio.get_running_loop().run_in_executor(
             None, form_channel, self.config, members)
+        try:
+            joined = await asyncio.shield(formation)
+        except asyncio.CancelledError:
+            # The start was cancelled (a lull, a shutdown) and the caller kills the worker;
+            # the formation goes on in its thread, and the peers may link to it there.
+            # Once it ends, they drop that link: none keeps a link to a dead rank.
+            formation.add_done_callback(lambda _: self._tell_forget(wid))
+            raise
         self.counters["channels_formed"] += joined
         for w in peers:  # died while it formed: the replacement was not told (not registered)
             if not w.alive:

@@ -142,6 +142,58 @@ def test_a_lull_cancels_a_worker_still_starting_before_it_retires_a_serving_one(
     asyncio.run(go())
 
 
+def test_a_start_cancelled_while_its_channel_forms_unlinks_the_peers_once_it_ends(
+        monkeypatch) -> None:
+    """A worker start cancelled (a lull, a shutdown) while its KV channel forms: the
+    formation runs on in its thread, where the peers may link to the new rank, which the
+    caller then kills. When the formation ends (not before: that would race it) the live
+    peers are told to forget the worker. Bare Router; the slow formation is an injected
+    fault."""
+    import asyncio
+
+    from pdserve.cluster import router as router_mod
+    from pdserve.cluster.router import Router, _WorkerRef
+    from pdserve.workers.worker import WorkerLoad
+
+    forgot: list[tuple[str, str]] = []
+
+    class Handle:  # a worker's actor handle, as far as forget_peer goes
+        def __init__(self, wid: str) -> None:
+            self.forget_peer = type("M", (), {"remote": lambda _, peer: forgot.append((wid, peer))})()
+
+    began, release = threading.Event(), threading.Event()
+
+    def slow_formation(config, members) -> bool:
+        assert list(members) == ["d9", "p0"]  # the new worker is rank 0
+        began.set()
+        assert release.wait(30)
+        return True
+
+    monkeypatch.setattr(router_mod, "form_channel", slow_formation)
+
+    async def go() -> None:
+        router = Router(ClusterConfig.from_dict({"transport": "collective"}), "", {}, None)
+        load = WorkerLoad("p0", "prefill", 0, 0, 0, 10, 10, 0, 1.0, 0.01, 1, 0.0)
+        router.workers["p0"] = _WorkerRef("p0", "prefill", Handle("p0"), load)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(router._join_channel("d9", "decode", Handle("d9")))
+        assert await loop.run_in_executor(None, began.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert forgot == []  # the formation still runs
+        release.set()
+        for _ in range(200):
+            if forgot:
+                break
+            await asyncio.sleep(0.01)
+        assert forgot == [("p0", "d9")]
+        assert router.counters["channels_formed"] == 0
+
+    asyncio.run(go())
+
+
 def test_the_router_keeps_only_the_newest_gone_workers() -> None:
     from pdserve.cluster.router import KEEP_GONE, Router, _WorkerRef
 
