@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
 from pdserve.workers.block_pool import Block, BlockPool
@@ -77,6 +77,11 @@ def block_keys(token_ids: list[int], block_size: int, salt: str | None = None,
 def hash_prompt_blocks(token_ids: list[int], block_size: int, salt: str | None = None) -> list[BlockHash]:
     """Hashes of every full block of ``token_ids`` (what the router computes too)."""
     return block_keys(token_ids, block_size, salt)[0]
+
+
+def _unreferenced(hits: list[Block]) -> int:
+    """Hits that are free cached blocks: taking them takes them off the free list."""
+    return sum(1 for b in hits if b.ref_count == 0)
 
 
 class BlockManager:
@@ -197,18 +202,26 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[Block] | None = None,
                      reserve: int = 0) -> bool:
         """True if `allocate` will succeed and leave ``reserve`` blocks free; drops session
-        pins (oldest first) to make room."""
+        pins (oldest first) to make room, but only when that makes enough: a request too
+        big for the room all pins hold takes none of them."""
         hits = hits or []
         need = (self.blocks_needed_after_hits(seq, num_new_tokens, len(hits))
                 + self._needs_copy(seq, num_new_tokens) + reserve)
-        while True:
-            reclaimed = [b.ref_count for b in hits].count(0) if hits else 0
-            if need + reclaimed <= self.pool.num_free:
-                return True
-            if not self._sessions:
-                return False
+        if need + _unreferenced(hits) <= self.pool.num_free:
+            return True
+        if not self._sessions:
+            return False
+        # What dropping every pin would give: the blocks only session pins hold come free,
+        # and a hit only they held turns from referenced into one taken off the free list.
+        pins = Counter(i for s in self._sessions for i in self._tables[SESSION_OWNER + s])
+        freed = sum(1 for i, n in pins.items() if self.pool.blocks[i].ref_count == n)
+        hits_freed = sum(1 for b in hits if b.ref_count and b.ref_count == pins.get(b.block_id))
+        if need + _unreferenced(hits) + hits_freed > self.pool.num_free + freed:
+            return False
+        while need + _unreferenced(hits) > self.pool.num_free:
             self.drop_session(next(iter(self._sessions)))
             self.num_sessions_dropped += 1
+        return True
 
     def _needs_copy(self, seq: Sequence, num_new_tokens: int) -> bool:
         """True when the next write lands in a partial block a fork still shares (copy-on-write)."""

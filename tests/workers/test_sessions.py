@@ -149,6 +149,25 @@ def test_a_waiting_request_may_take_a_sessions_room_too():
     assert bm.can_allocate(seq, 28) and bm.num_sessions == 0
 
 
+def test_a_request_too_big_even_for_the_pinned_room_drops_no_pin():
+    """Pins are given up only when that makes the room: a request that would not fit with
+    every pin dropped takes none of them (nothing would be admitted for the loss). A block
+    two sessions pin comes free only with both dropped."""
+    bm = BlockManager(12, BS)
+    run_turn(bm, make_seq("a", list(range(16)), session="s1"), 1)  # pins 4 blocks
+    run_turn(bm, make_seq("b", list(range(16)) + list(range(50, 58)), session="s2"), 1)
+    assert bm.num_sessions == 2 and bm.num_free_blocks == 6  # s2 shares s1's 4, adds 2
+    too_big = make_seq("big", list(range(100, 100 + 13 * BS)))  # 13 blocks: 12 at most
+    assert not bm.can_allocate(too_big, 13 * BS)
+    assert bm.num_sessions == 2 and bm.num_sessions_dropped == 0
+    assert not bm.can_allocate(make_seq("r", list(range(200, 240))), 40, reserve=3)  # 10 + 3
+    assert bm.num_sessions == 2 and bm.num_sessions_dropped == 0
+    fits = make_seq("fits", list(range(300, 300 + 8 * BS)))  # 8 blocks: both pins must go
+    assert bm.can_allocate(fits, 8 * BS)
+    assert bm.num_sessions == 0 and bm.num_sessions_dropped == 2 and bm.num_free_blocks == 12
+    bm.check_integrity()
+
+
 def test_the_handoff_state_carries_the_session():
     seq = make_seq("r", list(range(5)), session="chat-7")
     assert seq_from_state(state_of(seq)).session_id == "chat-7"
