@@ -44,6 +44,7 @@ REPLACE_BACKOFF_S, REPLACE_BACKOFF_MAX_S = 1.0, 60.0
 # a slow link.
 LINK_SAMPLE_MIN_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
+FORM_TRIES = 3  # KV channel formations for one new worker (members may die meanwhile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,26 +351,34 @@ class Router:
 
     async def _join_channel(self, wid: str, role: str, actor: Any) -> None:
         """Form a KV channel between a replacement and the live workers of the other role
-        (rank 0, the replacement, serves the rendezvous)."""
+        (rank 0, the replacement, serves the rendezvous). A formation that fails because a
+        member died meanwhile (two deaths at once: its replacement started before the
+        other was found dead) is tried again without it, so the replacement does not keep
+        the object store for its whole life."""
         other = "decode" if role == "prefill" else "prefill"
-        peers = self._alive(other)
-        if not peers:
-            return
-        members = {wid: (role, actor), **{w.worker_id: (w.role, w.actor) for w in peers}}
-        formation = asyncio.get_running_loop().run_in_executor(
-            None, form_channel, self.config, members)
-        try:
-            joined = await asyncio.shield(formation)
-        except asyncio.CancelledError:
-            # The start was cancelled (a lull, a shutdown) and the caller kills the worker;
-            # the formation goes on in its thread, and the peers may link to it there.
-            # Once it ends, they drop that link: none keeps a link to a dead rank.
-            formation.add_done_callback(lambda _: self._tell_forget(wid))
-            raise
-        self.counters["channels_formed"] += joined
-        for w in peers:  # died while it formed: the replacement was not told (not registered)
-            if not w.alive:
-                actor.forget_peer.remote(w.worker_id)
+        for _ in range(FORM_TRIES):
+            peers = self._alive(other)
+            if not peers:
+                return
+            members = {wid: (role, actor), **{w.worker_id: (w.role, w.actor) for w in peers}}
+            formation = asyncio.get_running_loop().run_in_executor(
+                None, form_channel, self.config, members)
+            try:
+                joined = await asyncio.shield(formation)
+            except asyncio.CancelledError:
+                # The start was cancelled (a lull, a shutdown) and the caller kills the
+                # worker; the formation goes on in its thread, and the peers may link to it
+                # there. Once it ends, they drop that link: none keeps a link to a dead rank.
+                formation.add_done_callback(lambda _: self._tell_forget(wid))
+                raise
+            self.counters["channels_formed"] += joined
+            for w in peers:  # died while it formed: the replacement was not told (not registered)
+                if not w.alive:
+                    actor.forget_peer.remote(w.worker_id)
+            if joined or all(w.alive for w in peers):
+                return
+            logger.warning("the KV channel for %s failed with a member that died meanwhile; "
+                           "forming it again without it", wid)
 
     def _alive(self, role: str) -> list[_WorkerRef]:
         """The role's workers in service (alive, polled once, not draining)."""

@@ -194,6 +194,49 @@ def test_a_start_cancelled_while_its_channel_forms_unlinks_the_peers_once_it_end
     asyncio.run(go())
 
 
+def test_a_channel_formation_that_failed_on_a_member_dead_meanwhile_is_formed_again(
+        monkeypatch) -> None:
+    """Two deaths at once: a replacement's channel formation includes a peer that died
+    before the router found out, and fails on it. The router forms it again with the
+    members still alive (the replacement gets a channel, not the object store for good),
+    and the replacement forgets the dead one. Bare Router; the failing formation is an
+    injected fault."""
+    import asyncio
+
+    from pdserve.cluster import router as router_mod
+    from pdserve.cluster.router import Router, _WorkerRef
+    from pdserve.workers.worker import WorkerLoad
+
+    forgot: list[tuple[str, str]] = []
+
+    class Handle:
+        def __init__(self, wid: str) -> None:
+            self.forget_peer = type("M", (), {"remote": lambda _, peer: forgot.append((wid, peer))})()
+
+    router = Router(ClusterConfig.from_dict({"transport": "collective"}), "", {}, None)
+    for wid in ("p0", "p1"):
+        load = WorkerLoad(wid, "prefill", 0, 0, 0, 10, 10, 0, 1.0, 0.01, 1, 0.0)
+        router.workers[wid] = _WorkerRef(wid, "prefill", Handle(wid), load)
+    formations: list[list[str]] = []
+
+    def formation(config, members) -> bool:
+        formations.append(list(members))
+        if "p1" in members:  # p1 died: its rank never joins; the router learns it meanwhile
+            router.workers["p1"].alive = False
+            return False
+        return True
+
+    monkeypatch.setattr(router_mod, "form_channel", formation)
+    asyncio.run(router._join_channel("d9", "decode", Handle("d9")))
+    assert formations == [["d9", "p0", "p1"], ["d9", "p0"]]
+    assert router.counters["channels_formed"] == 1 and forgot == [("d9", "p1")]
+    # a formation that fails with every member alive is not tried again (object store)
+    monkeypatch.setattr(router_mod, "form_channel", lambda c, m: (formations.append(list(m)), False)[1])
+    formations.clear()
+    asyncio.run(router._join_channel("d10", "decode", Handle("d10")))
+    assert formations == [["d10", "p0"]] and router.counters["channels_formed"] == 1
+
+
 def test_the_router_keeps_only_the_newest_gone_workers() -> None:
     from pdserve.cluster.router import KEEP_GONE, Router, _WorkerRef
 
