@@ -24,6 +24,7 @@ from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.placement import CostParams, Placement, place
 from pdserve.cluster.spawn import form_channel, spawn_worker
 from pdserve.workers.block_manager import hash_prompt_blocks
+from pdserve.workers.detokenizer import resume_point
 from pdserve.workers.disagg_engine import SeqState
 from pdserve.workers.errors import InvalidRequestError, OutOfBlocksError, UnavailableError
 from pdserve.workers.outputs import TokenChunk
@@ -616,15 +617,14 @@ class Router:
 
     def _resume_state(self, req: GenerateRequest, streamed: list[TokenChunk]) -> SeqState:
         assert self.prompts is not None
-        out = [t for c in streamed for t in c.token_ids]
-        ids = list(req.prompt_token_ids) + out
+        ids = list(req.prompt_token_ids) + [t for c in streamed for t in c.token_ids]
         text = "".join(c.text for c in streamed)
-        full = self.prompts.tokenizer.decode(out, skip_special_tokens=req.params.skip_special_tokens)
+        full, prefix_offset, read_offset = resume_point(
+            self.prompts.tokenizer, ids, len(req.prompt_token_ids), req.params.skip_special_tokens)
         cached = next((c.usage.cached_tokens for c in streamed if c.usage), 0)
         return SeqState(req.request_id, tuple(ids), len(req.prompt_token_ids), req.params,
-                        req.priority, req.cache_salt, full, len(text),
-                        max(len(req.prompt_token_ids), len(ids) - 5), len(ids), cached,
-                        session_id=req.session_id)
+                        req.priority, req.cache_salt, full, len(text), prefix_offset,
+                        read_offset, cached, session_id=req.session_id)
 
     # -- introspection ------------------------------------------------------------------
     async def worker_stats(self) -> dict[str, dict]:

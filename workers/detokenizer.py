@@ -70,6 +70,25 @@ def decode_new_text(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) ->
     return ""
 
 
+def resume_point(tokenizer: Any, token_ids: list[int], num_prompt_tokens: int,
+                 skip_special_tokens: bool) -> tuple[str, int, int]:
+    """Where a stream picks up from its tokens alone (another worker recomputes it after a
+    death or a drain): the outputs' text up to their last whole character, and the
+    (prefix, read) offsets after it. Outputs that end inside a character stay unread, so
+    the next token completes it there instead of the resumed text starting with U+FFFD and
+    losing that character."""
+    out = token_ids[num_prompt_tokens:]
+    k = len(out)
+    text = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
+    # A character's bytes span at most 4 tokens. A U+FFFD the model wrote itself is held
+    # back too, as decode_new_text holds it back until the next token.
+    while k > max(0, len(out) - 3) and text.endswith("\ufffd"):
+        k -= 1
+        text = tokenizer.decode(out[:k], skip_special_tokens=skip_special_tokens)
+    read = num_prompt_tokens + k
+    return text, max(num_prompt_tokens, read - _CONTEXT), read
+
+
 def find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
     """Earliest stop string that overlaps text[new_from:]: (index, stop)."""
     best: tuple[int, str] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets
+from pdserve.workers.detokenizer import decode_new_text, find_stop, init_offsets, resume_point
 from pdserve.workers.sampling_params import SamplingParams
 from pdserve.workers.sequence import Sequence
 
@@ -120,3 +120,35 @@ def test_stream_is_not_shared_by_a_copied_sequence(tokenizer):
     for s, word in ((seq, " one"), (child, " two")):
         s.token_ids.extend(tokenizer.encode(word, add_special_tokens=False))
         assert decode_new_text(tokenizer, s, skip_special_tokens=True) == word
+
+
+@pytest.mark.parametrize("text", [" 😀 a 🤣🙃 b 早上好 café", "x\ufffd y"])
+def test_a_stream_resumed_from_its_tokens_alone_never_splits_a_character(tokenizer, text):
+    """A stream cut after any token (the worker died or was drained) and resumed elsewhere
+    from its tokens (the router's resume state): what was streamed plus what the new worker
+    streams is the whole text, with no U+FFFD of a split character, also when the cut falls
+    inside a character whose bytes span several tokens (or after a U+FFFD the model wrote,
+    which both sides hold back until the next token)."""
+    prompt = tokenizer.encode("Say:")
+    out = tokenizer.encode(text, add_special_tokens=False)
+    whole = tokenizer.decode(out)
+    inside = 0
+    for cut in range(1, len(out)):
+        seq = Sequence("r", list(prompt), len(prompt), SamplingParams(), 0.0)
+        init_offsets(seq)
+        streamed = ""
+        for t in out[:cut]:
+            seq.token_ids.append(t)
+            streamed += decode_new_text(tokenizer, seq, skip_special_tokens=True)
+        ids = prompt + out[:cut]
+        resumed_text, prefix_offset, read_offset = resume_point(tokenizer, ids, len(prompt), True)
+        assert resumed_text == streamed and "\ufffd" not in resumed_text
+        inside += read_offset < len(ids)
+        resumed = Sequence("r", list(ids), len(prompt), SamplingParams(), 0.0)
+        resumed.prefix_offset, resumed.read_offset = prefix_offset, read_offset
+        rest = ""
+        for t in out[cut:]:
+            resumed.token_ids.append(t)
+            rest += decode_new_text(tokenizer, resumed, skip_special_tokens=True)
+        assert streamed + rest == whole, cut
+    assert inside  # some cuts fell inside a character
