@@ -140,10 +140,11 @@ class PrefillPlan:
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, max_rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked on sm_90 so that no variant spills
-    registers. The tile is half as tall when no sequence fills 128 packed rows (verification
-    rows, short chunks): fewer wasted matmul rows. float32 runs ieee dots on the CUDA
-    cores: small tiles."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), picked on sm_90. The tile is half as tall
+    when no sequence fills 128 packed rows (verification rows, short chunks): fewer wasted
+    matmul rows. float32 runs ieee dots on the CUDA cores: small tiles. 128-wide heads run
+    the tall tile on 4 warps, not 8: 3.6-9% faster on an H100 from 2k to 32k tokens
+    (BENCHMARKS.md, session 12)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:
         return (32, 32, 4, 2) if block_d <= 64 else (32, 16, 8, 2) if block_d <= 128 else (16, 16, 8, 2)
@@ -151,7 +152,7 @@ def tile_config(head_dim: int, dtype: torch.dtype, max_rows: int) -> tuple[int, 
     if block_d <= 64:
         return (128, 64, 8, 3) if tall else (64, 64, 4, 3)
     if block_d <= 128:
-        return (128, 64, 8, 2) if tall else (64, 64, 4, 2)
+        return (128, 64, 4, 2) if tall else (64, 64, 4, 2)
     return (64, 32, 8, 2) if tall else (32, 32, 4, 2)
 
 
