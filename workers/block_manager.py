@@ -219,6 +219,8 @@ class BlockManager:
         if need + _unreferenced(hits) + hits_freed > self.pool.num_free + freed:
             return False
         while need + _unreferenced(hits) > self.pool.num_free:
+            if not self._sessions:  # (the sum above says this cannot happen)
+                return False
             self.drop_session(next(iter(self._sessions)))
             self.num_sessions_dropped += 1
         return True

@@ -71,22 +71,36 @@ def decode_new_text(tokenizer: Any, seq: Sequence, skip_special_tokens: bool) ->
 
 
 def resume_point(tokenizer: Any, token_ids: list[int], num_prompt_tokens: int,
-                 skip_special_tokens: bool) -> tuple[str, int, int]:
+                 skip_special_tokens: bool, streamed: str) -> tuple[str, int, int]:
     """Where a stream picks up from its tokens alone (another worker recomputes it after a
     death or a drain): the outputs' text up to their last whole character, and the
     (prefix, read) offsets after it. Outputs that end inside a character stay unread, so
     the next token completes it there instead of the resumed text starting with U+FFFD and
-    losing that character."""
-    out = token_ids[num_prompt_tokens:]
-    k = len(out)
-    text = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
+    losing that character.
+
+    The text is decoded as decode_new_text decodes it, after a few tokens of context
+    (SentencePiece tokenizers drop the leading space of a decode's first token).
+    ``streamed``: what the client got; the text must begin with it (it may go on with text
+    held back for stop strings). Where this tokenizer's decode of the whole range does not,
+    the resume goes on from what was streamed."""
+    p, n = num_prompt_tokens, len(token_ids)
+    c = max(0, p - _CONTEXT)
+    base = tokenizer.decode(token_ids[c:p], skip_special_tokens=skip_special_tokens)
+
+    def text_to(end: int) -> str | None:  # None: the context's text is not a prefix
+        full = tokenizer.decode(token_ids[c:end], skip_special_tokens=skip_special_tokens)
+        return full[len(base):] if full.startswith(base) else None
+
+    k = n
+    text = text_to(k)
     # A character's bytes span at most 4 tokens. A U+FFFD the model wrote itself is held
     # back too, as decode_new_text holds it back until the next token.
-    while k > max(0, len(out) - 3) and text.endswith("\ufffd"):
+    while text is not None and k > max(p, n - 3) and text.endswith("\ufffd"):
         k -= 1
-        text = tokenizer.decode(out[:k], skip_special_tokens=skip_special_tokens)
-    read = num_prompt_tokens + k
-    return text, max(num_prompt_tokens, read - _CONTEXT), read
+        text = text_to(k)
+    if text is None or not text.startswith(streamed):
+        text, k = streamed, n
+    return text, max(0, k - _CONTEXT), k
 
 
 def find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> tuple[int, str] | None:

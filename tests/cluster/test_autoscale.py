@@ -197,10 +197,11 @@ def test_a_start_cancelled_while_its_channel_forms_unlinks_the_peers_once_it_end
 def test_a_channel_formation_that_failed_on_a_member_dead_meanwhile_is_formed_again(
         monkeypatch) -> None:
     """Two deaths at once: a replacement's channel formation includes a peer that died
-    before the router found out, and fails on it. The router forms it again with the
-    members still alive (the replacement gets a channel, not the object store for good),
-    and the replacement forgets the dead one. Bare Router; the failing formation is an
-    injected fault."""
+    before the router found out, and fails on it, before any load poll. The router asks the
+    members for their load, finds the dead one, and forms the channel again with the rest
+    (the replacement gets a channel, not the object store for good); the replacement
+    forgets the dead one. Bare Router; the dead member and the failing formation are
+    injected faults."""
     import asyncio
 
     from pdserve.cluster import router as router_mod
@@ -209,27 +210,38 @@ def test_a_channel_formation_that_failed_on_a_member_dead_meanwhile_is_formed_ag
 
     forgot: list[tuple[str, str]] = []
 
+    from ray.exceptions import ActorDiedError
+
+    def load(wid: str) -> WorkerLoad:
+        return WorkerLoad(wid, "prefill", 0, 0, 0, 10, 10, 0, 1.0, 0.01, 1, 0.0)
+
     class Handle:
-        def __init__(self, wid: str) -> None:
+        def __init__(self, wid: str, dead: bool = False) -> None:
             self.forget_peer = type("M", (), {"remote": lambda _, peer: forgot.append((wid, peer))})()
 
-    router = Router(ClusterConfig.from_dict({"transport": "collective"}), "", {}, None)
-    for wid in ("p0", "p1"):
-        load = WorkerLoad(wid, "prefill", 0, 0, 0, 10, 10, 0, 1.0, 0.01, 1, 0.0)
-        router.workers[wid] = _WorkerRef(wid, "prefill", Handle(wid), load)
+            async def answer() -> WorkerLoad:
+                if dead:
+                    raise ActorDiedError()
+                return load(wid)
+
+            self.load = type("M", (), {"remote": lambda _: answer()})()
+
+    router = Router(ClusterConfig.from_dict({"transport": "collective",
+                                             "replace_dead_workers": False}), "", {}, None)
+    for wid in ("p0", "p1"):  # p1 is dead, and no poll has found out yet
+        router.workers[wid] = _WorkerRef(wid, "prefill", Handle(wid, dead=wid == "p1"), load(wid))
     formations: list[list[str]] = []
 
     def formation(config, members) -> bool:
         formations.append(list(members))
-        if "p1" in members:  # p1 died: its rank never joins; the router learns it meanwhile
-            router.workers["p1"].alive = False
-            return False
-        return True
+        return "p1" not in members  # p1's rank never joins: the formation fails
 
     monkeypatch.setattr(router_mod, "form_channel", formation)
     asyncio.run(router._join_channel("d9", "decode", Handle("d9")))
     assert formations == [["d9", "p0", "p1"], ["d9", "p0"]]
-    assert router.counters["channels_formed"] == 1 and forgot == [("d9", "p1")]
+    assert not router.workers["p1"].alive  # the probe after the failure found it dead
+    # p0 and the replacement forget it (p0 as after any death)
+    assert router.counters["channels_formed"] == 1 and sorted(forgot) == [("d9", "p1"), ("p0", "p1")]
     # a formation that fails with every member alive is not tried again (object store)
     monkeypatch.setattr(router_mod, "form_channel", lambda c, m: (formations.append(list(m)), False)[1])
     formations.clear()

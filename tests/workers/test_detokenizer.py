@@ -122,17 +122,46 @@ def test_stream_is_not_shared_by_a_copied_sequence(tokenizer):
         assert decode_new_text(tokenizer, s, skip_special_tokens=True) == word
 
 
-@pytest.mark.parametrize("text", [" 😀 a 🤣🙃 b 早上好 café", "x\ufffd y"])
-def test_a_stream_resumed_from_its_tokens_alone_never_splits_a_character(tokenizer, text):
+def sentencepiece_like():
+    """A Llama-2-style tokenizer built here (no download): SentencePiece's '▁' for spaces,
+    byte fallback, and a decoder that drops the leading space of a decode's first token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in ("▁", "▁Say", ":", "▁Hello", "▁world", "▁!", "▁a", "▁b", "▁x"):
+        vocab[w] = len(vocab)
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize(("which", "text"), [
+    ("smollm2", " 😀 a 🤣🙃 b 早上好 café"), ("smollm2", "x\ufffd y"),
+    ("sentencepiece", "Hello world é ! 😀 a"),
+])
+def test_a_stream_resumed_from_its_tokens_alone_never_splits_a_character(tokenizer, which, text):
     """A stream cut after any token (the worker died or was drained) and resumed elsewhere
     from its tokens (the router's resume state): what was streamed plus what the new worker
     streams is the whole text, with no U+FFFD of a split character, also when the cut falls
     inside a character whose bytes span several tokens (or after a U+FFFD the model wrote,
     which both sides hold back until the next token)."""
-    prompt = tokenizer.encode("Say:")
+    tokenizer = tokenizer if which == "smollm2" else sentencepiece_like()
+    prompt = tokenizer.encode("Say:", add_special_tokens=False)
     out = tokenizer.encode(text, add_special_tokens=False)
-    whole = tokenizer.decode(out)
     inside = 0
+    whole = ""  # what one uncut stream gives
+    seq = Sequence("r", list(prompt), len(prompt), SamplingParams(), 0.0)
+    init_offsets(seq)
+    for t in out:
+        seq.token_ids.append(t)
+        whole += decode_new_text(tokenizer, seq, skip_special_tokens=True)
+    assert whole.strip() == text.strip()
     for cut in range(1, len(out)):
         seq = Sequence("r", list(prompt), len(prompt), SamplingParams(), 0.0)
         init_offsets(seq)
@@ -141,7 +170,8 @@ def test_a_stream_resumed_from_its_tokens_alone_never_splits_a_character(tokeniz
             seq.token_ids.append(t)
             streamed += decode_new_text(tokenizer, seq, skip_special_tokens=True)
         ids = prompt + out[:cut]
-        resumed_text, prefix_offset, read_offset = resume_point(tokenizer, ids, len(prompt), True)
+        resumed_text, prefix_offset, read_offset = resume_point(tokenizer, ids, len(prompt), True,
+                                                                streamed)
         assert resumed_text == streamed and "\ufffd" not in resumed_text
         inside += read_offset < len(ids)
         resumed = Sequence("r", list(ids), len(prompt), SamplingParams(), 0.0)

@@ -168,6 +168,45 @@ def test_a_request_too_big_even_for_the_pinned_room_drops_no_pin():
     bm.check_integrity()
 
 
+def test_a_next_turn_that_hits_its_own_pinned_blocks_counts_them_once():
+    """The session's next turn hits the blocks its pin holds: dropping the pin frees them
+    only to be taken again as hits, so they make no room. 2 free + 4 pinned of 6: a turn
+    that hits the 4 and needs 3 more does not fit, and keeps its pin; one that needs 2 fits
+    without dropping it."""
+    bm = BlockManager(6, BS)
+    first = list(range(16))
+    run_turn(bm, make_seq("t1", first, session="s"), 1)  # pins 4 blocks
+    assert bm.num_free_blocks == 2 and bm.num_sessions == 1
+    too_long = make_seq("t2", first + list(range(100, 112)), session="s")  # 4 hits + 3 blocks
+    hits = bm.match_prefix(too_long)
+    assert len(hits) == 4
+    assert not bm.can_allocate(too_long, 12, hits)
+    assert bm.num_sessions == 1 and bm.num_sessions_dropped == 0
+    fits = make_seq("t2", first + list(range(100, 108)), session="s")  # 4 hits + 2 blocks
+    assert bm.can_allocate(fits, 8, bm.match_prefix(fits))
+    assert bm.num_sessions == 1 and bm.num_sessions_dropped == 0
+    bm.check_integrity()
+
+
+def test_a_pinned_block_a_running_sequence_holds_makes_no_room():
+    """Dropping a pin frees only the blocks nothing else holds: a running sequence that
+    shares the session's blocks keeps them."""
+    bm = BlockManager(8, BS)
+    first = list(range(16))
+    run_turn(bm, make_seq("t1", first, session="s"), 1)  # pins 4 blocks
+    running = make_seq("run", first + [7, 7, 7, 7])  # shares the 4, adds 1
+    hits = bm.match_prefix(running)
+    assert bm.can_allocate(running, 4, hits)
+    bm.allocate(running, 4, hits)
+    assert bm.num_free_blocks == 3 and bm.num_sessions == 1
+    # 4 blocks wanted, 3 free, and the pin holds no block only it holds: no room, pin kept
+    assert not bm.can_allocate(make_seq("big", list(range(200, 216))), 16)
+    assert bm.num_sessions == 1 and bm.num_sessions_dropped == 0
+    assert bm.can_allocate(make_seq("small", list(range(200, 212))), 12)  # 3 fit as they are
+    assert bm.num_sessions == 1
+    bm.check_integrity()
+
+
 def test_the_handoff_state_carries_the_session():
     seq = make_seq("r", list(range(5)), session="chat-7")
     assert seq_from_state(state_of(seq)).session_id == "chat-7"
