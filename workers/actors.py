@@ -173,7 +173,9 @@ class EngineWorkerActor:
         """Join a channel (every rank at once: gloo connects all pairs here). ``ranks``:
         the members this worker hands off with (the other role) and their ranks; a peer
         that already has a channel to this worker keeps it: a later channel (formed for a
-        replacement) serves only the pairs that had none; a peer known dead is skipped.
+        replacement) serves only the pairs that had none, and one that serves none here is
+        closed at once (its process group would outlive its use); a peer known dead is
+        skipped.
         ``peers``: the members' actors, told when this side breaks its pair with them."""
         host = ray.util.get_node_ip_address()
         loop = asyncio.get_running_loop()
@@ -181,10 +183,13 @@ class EngineWorkerActor:
         channel = await loop.run_in_executor(None, lambda: kv_channel.KVChannel(
             spec, self.worker.engine.device, store, host))
         w = self.worker
+        fresh = {wid: rank for wid, rank in ranks.items()
+                 if wid != w.worker_id and wid not in w.dead_peers and wid not in w.links}
+        if not fresh:  # every pair it would serve has a channel (a formation tried again)
+            await loop.run_in_executor(None, lambda: channel.close(abort=True))
+            return
         w.channels.append(channel)
-        for wid, rank in ranks.items():
-            if wid != w.worker_id and wid not in w.dead_peers:
-                w.links.setdefault(wid, (channel, rank))
+        w.links.update((wid, (channel, rank)) for wid, rank in fresh.items())
         by_rank = {rank: (peers or {}).get(wid) for wid, rank in ranks.items()}
 
         def tell(rank: int) -> None:  # on a channel thread: hand the call to the loop

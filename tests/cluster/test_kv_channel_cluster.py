@@ -22,6 +22,7 @@ from pd_util import (
     drain,
     handoff_vias,
     live_workers,
+    router_stats,
     tiny_random_model,
     tokens,
     worker_stats,
@@ -187,6 +188,23 @@ def test_both_workers_dying_at_once_are_replaced_and_joined_by_a_channel(cluster
     assert [vias["ch-both-0"], vias["ch-both-1"]] == ["collective"] * 2
     stats = worker_stats(cluster)
     assert sorted(s["channels"] for s in stats.values()) == [1, 1]  # the dead ones' closed
+    assert_clean(cluster)
+
+
+def test_a_channel_formed_again_for_pairs_already_linked_is_closed(cluster, reference) -> None:
+    """A formation tried again (a member died while the first one formed) can join pairs
+    the first one already linked: each side keeps its link and closes the new channel at
+    once, rather than keeping a process group that nothing uses."""
+    from pdserve.cluster.spawn import form_channel
+
+    roles = router_stats(cluster)["roles"]
+    assert sorted(s["channels"] for s in worker_stats(cluster).values()) == [1, 1]
+    members = {w: (roles[w], cluster.actor(w)) for w in live_workers(cluster)}
+    assert form_channel(cluster.config, members)
+    stats = worker_stats(cluster)
+    assert sorted(s["channels"] for s in stats.values()) == [1, 1]
+    run(cluster, "ch-again", PROMPTS[0], reference)
+    assert handoff_vias(cluster)["ch-again"] == "collective"
     assert_clean(cluster)
 
 
