@@ -348,15 +348,17 @@ class BlockPool:
             self._events = []
             self._event_seq += 1
             self.num_dropped_events += 1
+            self._skipped_events = True  # the next take reports the gap, events or not
 
     def take_events(self) -> KVEventBatch | None:
         """The queued events as one batch (None: nothing new). The first take after events
-        were skipped returns a batch even when none are queued: its seq jumps past the gap,
-        so the consumer resyncs now rather than at the next event."""
-        gap = False
+        were skipped (made before any take, or dropped from a full queue) returns a batch
+        even when none are queued: its seq jumps past the gap, so the consumer resyncs now
+        rather than at the next event."""
+        gap = self._skipped_events
+        self._skipped_events = False
         if not self._keep_events:  # the first consumer: events are kept from now on
             self._keep_events = True
-            gap = self._skipped_events
             if gap:
                 self._event_seq += 1
         if not self._events and not gap:

@@ -162,6 +162,15 @@ def test_events_nobody_takes_stay_bounded_and_leave_a_gap(monkeypatch):
     batch = pool.take_events()
     assert batch is not None and batch.seq == 2  # 1 was skipped: a gap for the consumer
     assert batch.events == (BlockStored((h(4),), h(3), toks(4), BS),)
+    # a drop with nothing queued after it is reported at the next take all the same
+    monkeypatch.setattr(block_pool, "MAX_PENDING_EVENTS", 2)  # the third event drops them
+    more = pool.allocate(3)
+    for i, b in enumerate(more):
+        cache(pool, [b], 10 + i, parent=h(9 + i) if i else None)
+    assert pool._events == [] and pool.num_dropped_events == 2
+    gap = pool.take_events()
+    assert gap is not None and gap.seq == 4 and gap.events == ()  # 3 was dropped
+    assert pool.take_events() is None
     pool.check_integrity()
 
 
