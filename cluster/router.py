@@ -368,14 +368,10 @@ class Router:
             try:
                 joined = await asyncio.shield(formation)
             except asyncio.CancelledError:
-                # The start was cancelled (a lull, a shutdown). The formation goes on in its
-                # thread, and the peers may link to the new worker there: once it ends, they
-                # drop that link (none keeps a link to the rank the caller then kills).
-                # Until then this start keeps _forming (one formation at a time), unless
-                # cancelled again (a shutdown does not wait for it).
+                # The start was cancelled (a lull, a shutdown) and the caller kills the
+                # worker; the formation goes on in its thread, and the peers may link to it
+                # there. Once it ends, they drop that link: none keeps a link to a dead rank.
                 formation.add_done_callback(lambda _: self._tell_forget(wid))
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(formation)
                 raise
             self.counters["channels_formed"] += joined
             if not joined:  # the formation fails fast on a dead member, often before a poll
