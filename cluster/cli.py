@@ -1,5 +1,6 @@
 """The ``pdserve`` command: ``serve`` a cluster behind gRPC + HTTP, ``chat`` and ``generate``
-against it over gRPC, and ``bench`` it. Environment variables are read here and only here.
+against it over gRPC, ``bench`` it, and operate it through Ray (``workers``, ``drain``).
+Environment variables are read here and only here.
 """
 
 from __future__ import annotations
@@ -177,6 +178,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
+# -- operate a running cluster (through Ray: the trusted cluster's own access) ---------------
+def _router(args: argparse.Namespace) -> Any:
+    """The running cluster's router actor, by name: the only ``pdserve-router-*`` in the Ray
+    cluster (in ``--namespace`` if given), or ``--router``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, namespace=args.namespace, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    found = [(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)
+             if (a["name"] == args.router if args.router else a["name"].startswith("pdserve-router-"))
+             and args.namespace in (None, a["namespace"])]
+    if len(found) != 1:
+        where = f" in Ray namespace {args.namespace!r}" if args.namespace else ""
+        listed = ", ".join(f"{n} (namespace {ns})" for ns, n in sorted(found))
+        raise SystemExit(f"pdserve: {len(found)} routers{where}"
+                         + (f": {listed}; pick one with --router/--namespace" if found else ""))
+    namespace, name = found[0]
+    return ray.get_actor(name, namespace=namespace)
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    import ray
+
+    rows = ray.get(_router(args).worker_table.remote(), timeout=60)
+    print(f"{'WORKER':<30} {'ROLE':<8} {'STATE':<9} {'RUNNING':>7} {'WAITING':>7} {'FREE BLOCKS':>13}")
+    for r in rows:
+        blocks = f"{r['free_blocks']}/{r['total_blocks']}"
+        print(f"{r['worker_id']:<30} {r['role']:<8} {r['state']:<9} {r['running']:>7} "
+              f"{r['waiting']:>7} {blocks:>13}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Take a worker out of service (see Router.drain_worker); exit 2 on a refused drain."""
+    import ray
+
+    from pdserve.workers.errors import InvalidRequestError, UnavailableError
+
+    try:
+        new = ray.get(_router(args).drain_worker.remote(args.worker_id, args.replace, args.timeout))
+    except InvalidRequestError as e:
+        print(f"pdserve drain: {e.field}: {e.message}", file=sys.stderr)
+        return 2
+    except UnavailableError as e:
+        print(f"pdserve drain: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.worker_id} drained and stopped" + (f"; {new} took its place" if new else ""))
+    return 0
+
+
+def _ray_flags(p: argparse.ArgumentParser) -> None:
+    from pdserve.cluster.config import ClusterConfig
+
+    p.add_argument("--ray-address", default="auto", help="the Ray cluster pdserve runs on")
+    p.add_argument("--namespace", default=None,
+                   help=f"the config's ray_namespace (default {ClusterConfig.ray_namespace!r}), "
+                        "where the Ray cluster holds several routers")
+    p.add_argument("--router", default=None,
+                   help="the router actor's name (pdserve-router-...), where there are several")
+
+
 def _client_flags(p: argparse.ArgumentParser, default_address: str = "127.0.0.1:50051") -> None:
     p.add_argument("--address", default=default_address, help="host:port of the gRPC server")
     p.add_argument("--api-key", default=None, help=f"API key (default: ${DEFAULT_KEY_ENV})")
@@ -240,6 +303,20 @@ def parser() -> argparse.ArgumentParser:
     _sampling_flags(g)
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (default: stdin)")
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("workers", help="list a running cluster's workers: role, state, load")
+    _ray_flags(w)
+    w.set_defaults(func=cmd_workers)
+
+    d = sub.add_parser("drain", help="take a worker out of service: it finishes what it holds "
+                                     "(or hands it on at the timeout) and stops")
+    d.add_argument("worker_id")
+    d.add_argument("--replace", action="store_true",
+                   help="start a worker of its role first, in service before the drain begins")
+    d.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for its requests (default: the config's drain_timeout_s)")
+    _ray_flags(d)
+    d.set_defaults(func=cmd_drain)
 
     b = sub.add_parser("bench", help="benchmark a running server (HTTP or gRPC)")
     from pdserve.cluster.bench import add_arguments

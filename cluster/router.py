@@ -287,7 +287,8 @@ class Router:
         ``timeout_s`` (None: ``drain_timeout_s``), when what it still holds resumes
         elsewhere. With ``replace``, a new worker of its role is started first and is in
         service before the drain begins. Returns when the worker has stopped: the
-        replacement's id, or None. InvalidRequestError (field ``worker_id``) for a worker
+        replacement's id, or None; UnavailableError if the router shut down before the
+        replacement started (nothing drained). InvalidRequestError (field ``worker_id``) for a worker
         that is unknown, gone or already draining, or the last decode worker in service
         when nothing replaces it."""
         w = self.workers.get(worker_id)
@@ -301,8 +302,9 @@ class Router:
         new = None
         if replace:
             new = await self._start_worker(w.role, _replacement_name(worker_id))
-            if new is None:  # shut down meanwhile
-                return None
+            if new is None:
+                raise UnavailableError(f"the router shut down before {worker_id}'s "
+                                       "replacement started; nothing was drained")
             self.counters["replacements"] += 1
         if w.in_service:  # (autoscaling may have retired it while the replacement started)
             await self._retire(w, "drain", timeout_s)
@@ -692,6 +694,20 @@ class Router:
 
     async def ready(self) -> bool:
         return self.prompts is not None and bool(self._alive("decode"))
+
+    async def worker_table(self) -> list[dict]:
+        """Every worker this router has had (the newest gone ones), for ``pdserve workers``:
+        id, role, state (serving, draining, gone) and its last polled load."""
+        rows = []
+        for w in self.workers.values():
+            load = w.load
+            rows.append({"worker_id": w.worker_id, "role": w.role,
+                         "state": "gone" if not w.alive else "draining" if w.draining else "serving",
+                         "running": load.num_running if load else 0,
+                         "waiting": load.num_waiting if load else 0,
+                         "free_blocks": load.free_blocks if load else 0,
+                         "total_blocks": load.total_blocks if load else 0})
+        return rows
 
     async def worker_handles(self) -> dict[str, tuple[str, Any]]:
         """Every worker this router has had, replacements included: id -> (role, actor)."""

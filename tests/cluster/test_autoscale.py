@@ -397,3 +397,42 @@ def test_draining_a_busy_worker_resumes_its_stream_elsewhere_and_replace_starts_
     vias = ray.get(fixed.actor(new).handoffs.remote(), timeout=30)
     assert len(vias) == len(PROMPTS) and {st.via for _, st in vias} == {"collective"}
     assert_clean(fixed)
+
+
+def test_the_cli_lists_the_workers_and_drains_one_through_ray(fixed, reference, capsys) -> None:
+    """``pdserve workers`` and ``pdserve drain`` attach to the running cluster through Ray
+    (the router found by name, in any namespace): the table shows each worker's role and
+    state; a refused drain exits 2 naming the field; a drain with ``--replace`` starts the new
+    worker first and says which it is."""
+    from pdserve.cluster import cli
+
+    suffix = fixed.worker_ids("prefill")[0].rsplit("-", 1)[1]
+    flags = ["--router", f"pdserve-router-{suffix}"]
+
+    def table() -> dict[str, list[str]]:
+        assert cli.main(["workers", *flags]) == 0
+        known = set(router_stats(fixed)["alive"])
+        return {cells[0]: cells[1:3] for cells in map(str.split, capsys.readouterr().out.splitlines())
+                if cells and cells[0] in known}
+
+    decoders = live_workers(fixed, "decode")
+    decode = decoders[0]
+    rows = table()
+    assert rows[decode] == ["decode", "serving"]
+    assert rows[fixed.worker_ids("prefill")[0]] == ["prefill", "serving"]
+    assert cli.main(["drain", "no-such-worker", *flags]) == 2
+    assert "worker_id" in capsys.readouterr().err
+    assert cli.main(["drain", decode, "--replace", "--timeout", "-1", *flags]) == 2
+    assert "timeout_s" in capsys.readouterr().err
+    assert live_workers(fixed, "decode") == decoders  # refused before anything started
+    assert cli.main(["drain", decode, "--replace", "--timeout", "5", *flags]) == 0
+    after = live_workers(fixed, "decode")
+    (new,) = set(after) - set(decoders)
+    assert len(after) == len(decoders) and decode not in after
+    assert f"{decode} drained and stopped; {new} took its place" in capsys.readouterr().out
+    rows = table()
+    assert rows[decode] == ["decode", "gone"] and rows[new] == ["decode", "serving"]
+    with pytest.raises(SystemExit, match="0 routers"):
+        cli.main(["workers", "--router", "pdserve-router-none"])
+    reference.check(*run_one(fixed, 0))
+    assert_clean(fixed)
