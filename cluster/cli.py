@@ -230,12 +230,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _ray_flags(p: argparse.ArgumentParser) -> None:
-    from pdserve.cluster.config import ClusterConfig
-
+    # (no pdserve.cluster.config import here: the client commands must stay light)
     p.add_argument("--ray-address", default="auto", help="the Ray cluster pdserve runs on")
     p.add_argument("--namespace", default=None,
-                   help=f"the config's ray_namespace (default {ClusterConfig.ray_namespace!r}), "
-                        "where the Ray cluster holds several routers")
+                   help="the config's ray_namespace (default 'pdserve'), where the Ray "
+                        "cluster holds several routers")
     p.add_argument("--router", default=None,
                    help="the router actor's name (pdserve-router-...), where there are several")
 
