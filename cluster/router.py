@@ -46,7 +46,6 @@ REPLACE_BACKOFF_S, REPLACE_BACKOFF_MAX_S = 1.0, 60.0
 LINK_SAMPLE_MIN_BYTES = 1 << 20
 MAX_ATTEMPTS = 3
 FORM_TRIES = 3  # KV channel formations for one new worker (members may die meanwhile)
-PROBE_TIMEOUT_S = 5.0  # a member's load call after a failed formation
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,8 +375,8 @@ class Router:
                 formation.add_done_callback(lambda _: self._tell_forget(wid))
                 raise
             self.counters["channels_formed"] += joined
-            if not joined:  # the formation fails fast on a dead member, often before a poll
-                await self._probe(peers)
+            if not joined:  # it fails fast on a dead member, often before the next poll
+                await self.refresh_loads()
             for w in peers:  # died while it formed: the replacement was not told (not registered)
                 if not w.alive:
                     actor.forget_peer.remote(w.worker_id)
@@ -385,18 +384,6 @@ class Router:
                 return
             logger.warning("the KV channel for %s failed with a member that died meanwhile; "
                            "forming it again without it", wid)
-
-    async def _probe(self, workers: list[_WorkerRef]) -> None:
-        """Ask each of ``workers`` for its load now, only to learn which are dead (marked so
-        at once, not at the next poll)."""
-        for w in workers:
-            if w.alive:
-                try:
-                    await asyncio.wait_for(w.actor.load.remote(), timeout=PROBE_TIMEOUT_S)
-                except DEAD:
-                    await self._mark_dead(w)
-                except Exception:  # slow, not known dead: the poller decides
-                    pass
 
     def _alive(self, role: str) -> list[_WorkerRef]:
         """The role's workers in service (alive, polled once, not draining)."""

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 
 import torch
-import triton
+from bench_gpu import graph_ms  # scripts/ is on the path when run as a script
 
 from pdserve.workers.kernels import paged_attention as pa
 from pdserve.workers.kernels import prefill_attention as pf
@@ -35,54 +34,11 @@ PREFILL_SHAPES = [(1, 8, 4, 128, 32768), (1, 8, 4, 128, 8192), (8, 8, 4, 128, 20
                   (32, 2, 7, 64, 512)]  # sequences, KV heads, group, dim, tokens each
 
 
-def graph_ms(fn, calls: int = 20, reps: int = 10) -> float:
-    """Median ms of one ``fn()``, replayed from a CUDA graph of ``calls`` of them."""
-    fn()
-    torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def decode_with(q, cache, tables, lens, splits: int, block_n: int, warps: int, stages: int,
                 out: torch.Tensor) -> None:
     """The decode kernel (no shared prefix) with explicit launch parameters."""
-    bsz, h, d = q.shape
-    _, _, bs, hkv, _ = cache.shape
-    kc, vc = cache[0], cache[1]
-    block_d = triton.next_power_of_2(max(d, 16))
-    if splits == 1:
-        mid_o = mid_lse = out
-        strides = (out.stride(0), out.stride(1), 0, 0, 0)
-    else:
-        mid_o = torch.empty((bsz, h, splits, d), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((bsz, h, splits), dtype=torch.float32, device=q.device)
-        strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-                   mid_lse.stride(1))
-    pa._decode_split_kernel.fn[(bsz * splits, hkv)](
-        q, kc, vc, tables, lens, lens, lens, lens, lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), kc.stride(1), kc.stride(2), tables.stride(0),
-        *strides, d ** -0.5 * pa.LOG2E, 1, 0,
-        BLOCK_SIZE=bs, GROUP=h // hkv, BLOCK_H=max(16, triton.next_power_of_2(h // hkv)), ROWS=1,
-        BLOCK_HC=triton.next_power_of_2(h // hkv), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, HAS_PREFIX=False, IEEE=False, num_warps=warps, num_stages=stages)
-    if splits > 1:
-        pa._decode_merge_kernel.fn[(bsz, h)](
-            mid_o, mid_lse, lens, lens, out, *strides, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=splits, NUM_OWN=splits,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    pa.decode_attention(q, cache, tables, lens, q.shape[2] ** -0.5, splits, out=out,
+                        tile=(block_n, warps, stages))
 
 
 def decode_inputs(bsz: int, hkv: int, group: int, d: int, ctx: int, contiguous: bool = False):

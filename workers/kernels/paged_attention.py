@@ -195,13 +195,15 @@ def _tile(programs: int, block_d: int, q: torch.Tensor, shared: bool) -> tuple[i
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int,
                      out: torch.Tensor | None = None,
-                     shared: SharedPrefix | None = None) -> torch.Tensor:
+                     shared: SharedPrefix | None = None,
+                     tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """One query token per sequence over its paged KV.
 
     q: [B, H, D]; kv_cache: [2, num_blocks, block_size, Hkv, D]; block_tables: [B, M] int;
     seq_lens: [B] int (KV length, the new token included, already written). ``shared``: a
     shared-prefix plan (shared_prefix.py); each row's own ``num_splits`` then cover only its
-    tail. Returns [B, H, D].
+    tail. ``tile``: (tokens a step, warps, stages) instead of ``_tile``'s choice (the tile
+    sweeps of scripts/bench_attention_tiles.py). Returns [B, H, D].
     """
     bsz, h, d = q.shape
     _, nb, block_size, hkv, _ = kv_cache.shape
@@ -212,7 +214,11 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_d = triton.next_power_of_2(max(d, 16))
-    block_n, stages = _tile(bsz * num_splits * hkv, block_d, q, shared is not None)
+    if tile is None:
+        block_n, stages = _tile(bsz * num_splits * hkv, block_d, q, shared is not None)
+        warps = 4
+    else:
+        block_n, warps, stages = tile
     slots = num_splits + (MAX_SPLITS if shared is not None else 0)
     if slots == 1:  # stage 1 writes the output: no partials, no merge launch
         mid_o, mid_lse = out, out
@@ -236,7 +242,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         ROWS=rows, BLOCK_HC=triton.next_power_of_2(group),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=stages)
+        HAS_PREFIX=shared is not None, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     if slots > 1:
         _decode_merge_kernel[(bsz, h)](
             mid_o, mid_lse, prefix_lens, shared_splits, out, *mid_strides, out.stride(0), out.stride(1),
